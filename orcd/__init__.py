@@ -1,0 +1,28 @@
+"""orcd: an HTTP/SSE LLM inference worker that stops work as reliably as it starts it."""
+
+from __future__ import annotations
+
+from .config import Config
+from .engine import CancelFlag, LlamaEngine, ModelInfo, Outcome, SamplingParams
+from .errors import OrcdError
+from .jobs import Job, JobRegistry, StreamEvent
+from .schema import CancelRequest, ExecuteRequest
+from .server import FatalError, Worker, serve
+
+__all__ = [
+    "CancelFlag",
+    "CancelRequest",
+    "Config",
+    "ExecuteRequest",
+    "FatalError",
+    "Job",
+    "JobRegistry",
+    "LlamaEngine",
+    "ModelInfo",
+    "OrcdError",
+    "Outcome",
+    "SamplingParams",
+    "StreamEvent",
+    "Worker",
+    "serve",
+]

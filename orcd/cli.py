@@ -1,0 +1,83 @@
+"""``orcd``: the command line. Errors are one line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import trio
+
+from . import logs
+from .config import Config, config_from, parse_argv
+from .errors import OrcdError
+
+
+class _ProgressBar:
+    """A load progress bar on a terminal (stderr is a TTY and logs are text)."""
+
+    def __init__(self) -> None:
+        self.last = -1
+
+    def __call__(self, fraction: float) -> None:
+        pct = int(fraction * 100)
+        if pct != self.last:
+            self.last = pct
+            filled = pct // 4
+            end = "\n" if pct >= 100 else ""
+            print(f"\rloading model [{'#' * filled}{'.' * (25 - filled)}] {pct:3d}%",
+                  end=end, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        command, args = parse_argv(argv, os.environ)
+        if command == "fetch-model":
+            from .models import default_model
+
+            print(default_model(args.out))
+            return 0
+        config = config_from(args, os.environ)
+        return _serve(config)
+    except OrcdError as exc:
+        print(f"orcd: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(config: Config) -> int:
+    from .engine import check_gguf
+    from .server import FatalError, llama_engine_factory, serve
+
+    if config.model is not None:
+        check_gguf(config.model)  # a bad path or file fails now, before anything listens
+    logs.configure(config.worker_id, config.log_format, config.log_level)
+    factory = llama_engine_factory
+    if sys.stderr.isatty() and config.log_format == "text":
+        bar = _ProgressBar()
+
+        def factory(cfg: Config, on_progress):  # type: ignore[no-untyped-def]
+            def both(f: float) -> None:
+                bar(f)
+                on_progress(f)
+            return llama_engine_factory(cfg, both)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            worker = await nursery.start(partial(serve, config, engine_factory=factory,
+                                                 handle_signals=True))
+            print(f"orcd listening on {worker.uri}", flush=True)
+
+    try:
+        trio.run(run)
+    except FatalError as exc:
+        print(f"orcd: error: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

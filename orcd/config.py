@@ -1,0 +1,176 @@
+"""Configuration: one frozen object built from flags and ``ORCD_*`` variables.
+
+Every flag of the contract (CONTRACT §1) can also be set as ``ORCD_<FLAG>`` in the
+environment (``--n-ctx`` is ``ORCD_N_CTX``); a flag on the command line wins. Nothing deeper
+in the code reads ``os.environ``: the parsed :class:`Config` is passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import attrs
+
+from .errors import ConfigError
+
+DEFAULT_PORT = 8080
+
+
+@attrs.frozen
+class Config:
+    model: Path | None = None  # None: the default Gemma 3 270M model, assembled on first use
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    worker_id: str = attrs.field(factory=lambda: f"orcd-{socket.gethostname()}-{os.getpid()}")
+    gpu_device: int | None = None
+    n_ctx: int = 4096
+    threads: int = attrs.field(factory=lambda: os.cpu_count() or 1)
+    slots: int = 1
+    queue_depth: int = 16
+    max_tokens_out: int = 2048
+    inference_timeout_s: float = 300.0
+    drain_timeout_s: float = 5.0
+    callback_url: str | None = None
+    callback_timeout_s: float = 30.0
+    log_format: str = "json"
+    log_level: str = "info"
+    residency_check_s: float = 60.0
+    max_body_bytes: int = 1024 * 1024
+    job_history: int = 1000
+    job_history_s: float = 3600.0
+    cancel_memory_s: float = 60.0
+    keepalive_s: float = 15.0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be 0..65535, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
+    return text
+
+
+# (flag, attribute, converter, help). The order is the order of `orcd serve --help`.
+_FLAGS: list[tuple[str, str, object, str]] = [
+    ("--model", "model", Path, "GGUF model file (default: Gemma 3 270M Q4_K_M from its package)"),
+    ("--host", "host", str, "address to bind (default 127.0.0.1)"),
+    ("--port", "port", _port, "port to bind; 0 picks a free one and prints it (default 8080)"),
+    ("--worker-id", "worker_id", str, "name in logs, /health and the ready callback"),
+    ("--gpu-device", "gpu_device", _non_negative_int,
+     "offload every layer to this CUDA device (default: CPU)"),
+    ("--n-ctx", "n_ctx", _positive_int,
+     "context length in tokens (default 4096, or the model's own if smaller)"),
+    ("--threads", "threads", _positive_int,
+     "threads for decoding and prompt evaluation (default: every core)"),
+    ("--slots", "slots", _positive_int, "concurrent generations (default 1)"),
+    ("--queue-depth", "queue_depth", _non_negative_int,
+     "jobs that may wait beyond the slots (default 16)"),
+    ("--max-tokens-out", "max_tokens_out", _positive_int,
+     "upper bound of a job's max_tokens (default 2048)"),
+    ("--inference-timeout-s", "inference_timeout_s", _positive_float,
+     "deadline of a job, queue time included (default 300)"),
+    ("--drain-timeout-s", "drain_timeout_s", _positive_float,
+     "how long running jobs may finish on shutdown (default 5)"),
+    ("--callback-url", "callback_url", _url,
+     "POST {worker_id, model_ref, vram_bytes, uri} here once ready"),
+    ("--callback-timeout-s", "callback_timeout_s", _positive_float,
+     "how long to retry the ready callback before exiting 1 (default 30)"),
+    ("--log-format", "log_format", str, "json (default) or text"),
+    ("--log-level", "log_level", str, "debug, info (default), warning or error"),
+    ("--residency-check-s", "residency_check_s", _positive_float,
+     "seconds between GPU residency checks (default 60)"),
+    ("--max-body-bytes", "max_body_bytes", _positive_int,
+     "largest accepted request body (default 1048576)"),
+    ("--job-history", "job_history", _non_negative_int,
+     "finished jobs remembered for GET /jobs (default 1000)"),
+    ("--job-history-s", "job_history_s", _positive_float,
+     "seconds a finished job is remembered (default 3600)"),
+]
+
+_CHOICES = {"log_format": ("json", "text"), "log_level": ("debug", "info", "warning", "error")}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="orcd", description="orcd: an LLM inference worker over HTTP/SSE.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="serve one GGUF model over HTTP (the default command)")
+    serve.error = parser.error  # type: ignore[method-assign]
+    for flag, attr, _conv, help_text in _FLAGS:
+        env = "ORCD_" + attr.upper()
+        serve.add_argument(flag, dest=attr, default=None, metavar=attr.upper(),
+                           help=f"{help_text} [env {env}]")
+    fetch = sub.add_parser("fetch-model", help="write the default model into a folder")
+    fetch.error = parser.error  # type: ignore[method-assign]
+    fetch.add_argument("--out", default="models", help="folder to write into (default models/)")
+    return parser
+
+
+def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Merge parsed flags over ``ORCD_*`` variables over defaults; validate every value."""
+    values: dict[str, object] = {}
+    for flag, attr, conv, _help in _FLAGS:
+        raw = getattr(args, attr, None)
+        source = flag
+        if raw is None:
+            raw = environ.get("ORCD_" + attr.upper())
+            source = "ORCD_" + attr.upper()
+        if raw is None or raw == "":
+            continue
+        try:
+            value = conv(raw)  # type: ignore[operator]
+        except ValueError as exc:
+            reason = str(exc)
+            if "invalid literal" in reason or "could not convert" in reason:
+                reason = "not a number"
+            raise ConfigError(f"{source}={raw!r}: {reason}") from None
+        choices = _CHOICES.get(attr)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{source}={raw!r}: must be one of {', '.join(choices)}")
+        values[attr] = value
+    return Config(**values)  # type: ignore[arg-type]
+
+
+def parse_argv(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, argparse.Namespace]:
+    """Parse a command line; ``orcd`` alone means ``orcd serve``."""
+    argv = list(argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    return args.command, args

@@ -1,0 +1,494 @@
+"""Jobs: admission, the queue in front of the slots, cancellation and the job history.
+
+Each job is a :class:`trio.CancelScope` plus a :class:`CancelFlag`. ``Job.request_cancel``
+sets both: the scope ends a wait for a slot at once, the flag stops the generation thread
+and llama.cpp's running decode. Every job runs in its own nursery inside the registry's
+nursery (which ``serve()`` owns), next to a watcher that turns the deadline, or the
+registry's own cancellation, into the same cancel. Whatever ends a job, ``_finish`` sends
+its one terminal event and closes its stream, shielded, after the slot is clean again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import attrs
+import trio
+
+from . import logs
+from .bridge import Engine, run_generation
+from .config import Config
+from .engine import CancelFlag, Outcome, Phase, SamplingParams
+from .errors import InvalidRequest, JobExists, NotReady, ShuttingDown, WorkerBusy
+from .metrics import Metrics
+from .schema import ExecuteRequest
+
+State = Literal["queued", "running", "completed", "cancelled", "failed"]
+ACTIVE: frozenset[str] = frozenset({"queued", "running"})
+CancelReason = Literal[
+    "client_request", "client_disconnect", "shutdown", "cancelled_before_start", "deadline"
+]
+MAX_JSON_SEED = 2**53 - 1  # generated seeds stay exact in every JSON client
+
+
+@attrs.frozen
+class StreamEvent:
+    """One SSE event of a job's stream."""
+
+    name: str
+    data: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        return self.name in ("end", "error")
+
+
+@attrs.define(eq=False)
+class Job:
+    job_id: str
+    request: ExecuteRequest
+    correlation_id: str
+    prompt_tokens: list[int]
+    params: SamplingParams
+    deadline: float  # trio clock
+    created_at: str
+    send: trio.MemorySendChannel[StreamEvent]
+    events: trio.MemoryReceiveChannel[StreamEvent]
+    state: State = "queued"
+    phase: Phase = "queued"
+    slot: int | None = None
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    flag: CancelFlag = attrs.field(factory=CancelFlag)
+    slot_granted: trio.Event = attrs.field(factory=trio.Event)
+    started_at: str | None = None
+    finished_at: str | None = None
+    finished_mono: float | None = None
+    cancel_requested_at: str | None = None
+    cancelled_at: str | None = None
+    cancel_reason: CancelReason | None = None
+    tokens_out: int = 0
+    pieces: int = 0
+    stop_reason: str | None = None
+    error: dict[str, Any] | None = None
+    started_mono: float = 0.0
+    counted: bool = False  # counted in the registry's active jobs
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    def request_cancel(self, reason: CancelReason) -> bool:
+        """Ask the job to stop; the first reason wins. False if the job had already ended."""
+        if not self.active:
+            return False
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+            self.cancel_requested_at = logs.utc_now()
+        self.flag.set()
+        self.scope.cancel()
+        return True
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        """Queue an event for the stream; a stream nobody reads any more is skipped."""
+        try:
+            self.send.send_nowait(StreamEvent(name, data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def snapshot(self) -> dict[str, Any]:
+        max_tokens = self.params.max_tokens
+        return {
+            "job_id": self.job_id,
+            "state": self.state,
+            "correlation_id": self.correlation_id,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "cancel_requested_at": self.cancel_requested_at,
+            "cancelled_at": self.cancelled_at,
+            "cancel_reason": self.cancel_reason,
+            "tokens_out": self.tokens_out,
+            "max_tokens": max_tokens,
+            "progress": round(self.tokens_out / max_tokens, 4) if max_tokens else 0.0,
+            "stop_reason": self.stop_reason,
+            "error": self.error,
+        }
+
+
+@attrs.frozen
+class RegistryStats:
+    slots: int
+    running: int
+    queued: int
+    draining: bool
+
+
+_MESSAGES: dict[str, str] = {
+    "client_request": "Job cancelled by client request",
+    "client_disconnect": "Job cancelled because the client disconnected",
+    "shutdown": "Job cancelled because the worker is shutting down",
+    "cancelled_before_start": "Job was cancelled before it was submitted",
+}
+
+
+@attrs.define(eq=False)
+class JobRegistry:
+    """Owns every job: admission, the FIFO queue, the slots and the finished-job history."""
+
+    config: Config
+    metrics: Metrics
+    engine: Engine | None = None
+    draining: bool = False
+    _nursery: trio.Nursery | None = None
+    _jobs: OrderedDict[str, Job] = attrs.field(factory=OrderedDict)
+    _waiting: list[Job] = attrs.field(factory=list)
+    _free_slots: list[int] = attrs.field(factory=list)
+    _cancelled_unknown: dict[str, float] = attrs.field(factory=dict)
+    _n_active: int = 0
+    _idle: trio.Event = attrs.field(factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self._idle.set()
+        self.metrics.track_jobs(lambda: self.statistics().running, lambda: len(self._waiting))
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[JobRegistry] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Open the nursery every job runs in; ready once it is open."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    def attach_engine(self, engine: Engine) -> None:
+        """Start admitting jobs on a loaded engine."""
+        self._free_slots = list(range(engine.n_slots))
+        self.engine = engine
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new jobs, cancel queued ones, give running ones ``timeout`` s, then cancel."""
+        self.draining = True
+        for job in list(self._waiting):
+            job.request_cancel("shutdown")
+        with trio.move_on_after(timeout):
+            await self.wait_idle()
+        for job in list(self._jobs.values()):
+            job.request_cancel("shutdown")
+        with trio.move_on_after(10):
+            await self.wait_idle()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    # -- admission -------------------------------------------------------------------
+
+    async def submit(self, req: ExecuteRequest, correlation_id: str) -> Job:
+        """Admit a validated request, or raise the contract's error for refusing it."""
+        if self.draining:
+            raise ShuttingDown("the worker is shutting down and takes no new jobs")
+        engine = self.engine
+        if engine is None:
+            raise NotReady("the model is still loading; retry shortly")
+        tokens = await trio.to_thread.run_sync(engine.tokenize, req.prompt)
+        params = self._sampling(req, len(tokens), engine)
+        # Everything below is synchronous: no other request can slip in between the checks.
+        if self.draining:
+            raise ShuttingDown("the worker is shutting down and takes no new jobs")
+        self._forget_expired()
+        existing = self._jobs.get(req.job_id)
+        if existing is not None:
+            what = "is active" if existing.active else "is still remembered"
+            raise JobExists(f"job {req.job_id!r} {what}", details={"state": existing.state})
+        pre_cancelled = self._cancelled_unknown.pop(req.job_id, None) is not None
+        if not pre_cancelled and not self._free_slots and len(self._waiting) >= self.config.queue_depth:
+            raise WorkerBusy(
+                f"all {engine.n_slots} slot(s) busy and {len(self._waiting)} job(s) queued",
+                details={"queued": len(self._waiting), "queue_depth": self.config.queue_depth},
+            )
+        timeout_s = req.timeout_ms / 1000 if req.timeout_ms else self.config.inference_timeout_s
+        send, recv = trio.open_memory_channel[StreamEvent](
+            params.max_tokens + self.config.queue_depth + 8
+        )
+        job = Job(
+            job_id=req.job_id, request=req, correlation_id=correlation_id, prompt_tokens=tokens,
+            params=params, deadline=trio.current_time() + timeout_s, created_at=logs.utc_now(),
+            send=send, events=recv,
+        )
+        self._jobs[job.job_id] = job
+        self._trim_history()
+        digest = hashlib.sha256(req.prompt.encode("utf-8")).hexdigest()
+        logs.log("execute_start", f"Job {job.job_id} admitted", job_id=job.job_id,
+                 correlation_id=correlation_id, prompt_chars=len(req.prompt),
+                 prompt_tokens=len(tokens), prompt_sha256=digest, max_tokens=params.max_tokens)
+        if pre_cancelled:
+            job.request_cancel("cancelled_before_start")
+            self._finish(job, "cancelled")
+            return job
+        job.counted = True
+        self._mark_active(+1)
+        if self._free_slots:
+            self._grant(job, self._free_slots.pop(0))
+        else:
+            self._waiting.append(job)
+            job.emit("queued", {"job_id": job.job_id, "position": len(self._waiting)})
+        assert self._nursery is not None, "JobRegistry.run() is not running"
+        self._nursery.start_soon(self._run, job, name=f"job:{job.job_id}")
+        return job
+
+    def _sampling(self, req: ExecuteRequest, n_prompt: int, engine: Engine) -> SamplingParams:
+        n_ctx = engine.info.context_length
+        errors = []
+        room = n_ctx - n_prompt
+        if room < 1:
+            errors.append({"field": "prompt", "constraint": "context",
+                           "message": f"prompt is {n_prompt} tokens; the context holds {n_ctx} "
+                                      "and needs room for at least 1 generated token"})
+        elif req.max_tokens is not None and n_prompt + req.max_tokens > n_ctx:
+            errors.append({"field": "max_tokens", "constraint": "context",
+                           "message": f"prompt ({n_prompt} tokens) + max_tokens "
+                                      f"({req.max_tokens}) exceeds the context of {n_ctx}"})
+        vocab = engine.info.vocab_size
+        if req.top_k > vocab:
+            errors.append({"field": "top_k", "constraint": "range",
+                           "message": f"top_k must be 0..{vocab} (the vocabulary), got {req.top_k}"})
+        if errors:
+            raise InvalidRequest(errors)
+        max_tokens = req.max_tokens or min(self.config.max_tokens_out, room)
+        seed = req.seed if req.seed is not None else secrets.randbelow(MAX_JSON_SEED + 1)
+        return SamplingParams(
+            max_tokens=max_tokens, seed=seed, temperature=req.temperature, top_p=req.top_p,
+            top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+            stop=req.stop,
+        )
+
+    # -- cancellation ----------------------------------------------------------------
+
+    def cancel(self, job_id: str, correlation_id: str) -> str:
+        """Cancel a job in whatever state it is; returns the state the cancel found."""
+        self._forget_expired()
+        job = self._jobs.get(job_id)
+        if job is None:
+            self._cancelled_unknown[job_id] = trio.current_time() + self.config.cancel_memory_s
+            logs.log("cancel_unknown",
+                     f"Cancel for unknown job {job_id}; remembered for "
+                     f"{self.config.cancel_memory_s:g} s", level=logging.WARNING,
+                     job_id=job_id, correlation_id=correlation_id)
+            return "unknown"
+        state = job.state
+        if job.request_cancel("client_request"):
+            logs.log("cancel", f"Cancelling job {job_id} ({state})", job_id=job_id,
+                     correlation_id=correlation_id, job_correlation_id=job.correlation_id,
+                     phase=job.phase)
+        else:
+            logs.log("cancel", f"Cancel for job {job_id} that already ended {state}",
+                     job_id=job_id, correlation_id=correlation_id)
+        return state
+
+    # -- reading ---------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        self._forget_expired()
+        return self._jobs.get(job_id)
+
+    def jobs(self, state: str | None = None) -> list[Job]:
+        self._forget_expired()
+        everything = sorted(self._jobs.values(), key=lambda j: (not j.active, j.created_at))
+        return [j for j in everything if state is None or j.state == state]
+
+    def statistics(self) -> RegistryStats:
+        slots = self.engine.n_slots if self.engine else self.config.slots
+        return RegistryStats(slots=slots, running=slots - len(self._free_slots)
+                             if self.engine else 0, queued=len(self._waiting),
+                             draining=self.draining)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(list(self._jobs.values()))
+
+    # -- the job task ----------------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch, job)
+            try:
+                await self._lifecycle(job)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _watch(self, job: Job) -> None:
+        """Turn the deadline, or the registry being cancelled, into a cancel of the job."""
+        try:
+            await trio.sleep_until(job.deadline)
+            job.request_cancel("deadline")
+        except trio.Cancelled:
+            if job.active:  # the registry itself is being torn down
+                job.request_cancel("shutdown")
+            raise
+
+    async def _lifecycle(self, job: Job) -> None:
+        outcome: Outcome | None = None
+        try:
+            with job.scope:
+                await job.slot_granted.wait()
+            if job.slot is None or job.flag.is_set():
+                self._observe_cancel(job, "queued", time.monotonic())
+                return
+            job.state = "running"
+            job.started_at = logs.utc_now()
+            job.started_mono = time.monotonic()
+            assert self.engine is not None
+            job.emit("started", {
+                "job_id": job.job_id, "model": self.engine.info.name,
+                "started_at": job.started_at, "seed": job.params.seed,
+                "prompt_tokens": len(job.prompt_tokens), "correlation_id": job.correlation_id,
+            })
+            self.metrics.tokens_in.inc(len(job.prompt_tokens))
+            try:
+                outcome = await run_generation(
+                    self.engine, job.slot, job.prompt_tokens, job.params, job.flag,
+                    on_phase=lambda phase: setattr(job, "phase", phase),
+                    on_token=lambda text, n: self._on_token(job, text, n),
+                )
+            except Exception as exc:  # an engine bug fails this job only
+                outcome = Outcome(status="failed", phase=job.phase, tokens_out=job.tokens_out,
+                                  decode_time_ms=0.0, stopped_at=time.monotonic(),
+                                  error_code="INTERNAL", error=f"engine error: {exc!r}")
+            if outcome.status == "cancelled":
+                self._observe_cancel(job, outcome.phase, outcome.stopped_at)
+        finally:
+            with trio.CancelScope(shield=True):
+                self._release(job)
+                self._conclude(job, outcome)
+
+    def _on_token(self, job: Job, text: str, tokens_out: int) -> None:
+        self.metrics.tokens_out.inc(tokens_out - job.tokens_out)
+        job.tokens_out = tokens_out
+        if text:
+            job.emit("token", {"t": text, "i": job.pieces})
+            job.pieces += 1
+
+    def _observe_cancel(self, job: Job, phase: Phase, stopped_at: float) -> None:
+        if job.flag.set_at is not None:
+            self.metrics.cancel_latency.labels(phase=phase).observe(
+                max(0.0, stopped_at - job.flag.set_at))
+
+    def _conclude(self, job: Job, outcome: Outcome | None) -> None:
+        """Turn what happened into the job's final state and its one terminal event."""
+        if outcome is not None and outcome.status == "completed":
+            self._finish(job, "completed", outcome)
+        elif outcome is not None and outcome.status == "failed":
+            self._finish(job, "failed", outcome)
+        elif job.cancel_reason is not None:
+            self._finish(job, "cancelled", outcome)
+        else:  # the task died without a cancel or an outcome: an internal failure
+            self._finish(job, "failed", outcome)
+
+    def _finish(self, job: Job, state: State, outcome: Outcome | None = None) -> None:
+        """Record the final state, send the one terminal event and close the stream."""
+        if job.finished_at is not None:
+            return
+        job.finished_at = logs.utc_now()
+        job.finished_mono = time.monotonic()
+        if outcome is not None:
+            job.tokens_out = outcome.tokens_out
+        duration = job.finished_mono - job.started_mono if job.started_mono else 0.0
+        level = logging.INFO
+        if state == "completed":
+            assert outcome is not None
+            job.stop_reason = outcome.stop_reason
+            job.emit("end", {"tokens_out": outcome.tokens_out,
+                             "decode_time_ms": outcome.decode_time_ms,
+                             "stop_reason": outcome.stop_reason,
+                             "stop_sequence": outcome.stop_sequence})
+            metric, action = "completed", "execute_end"
+            human = f"Job {job.job_id} completed ({outcome.stop_reason}, {job.tokens_out} tokens)"
+        elif state == "cancelled" and job.cancel_reason == "deadline":
+            state = "failed"
+            job.cancelled_at = job.finished_at
+            job.error = {"code": "INFERENCE_TIMEOUT",
+                         "message": "the job's deadline passed before it finished"}
+            job.emit("error", {**job.error, "retriable": True, "reason": "deadline"})
+            metric, action = "timeout", "execute_end"
+            human = f"Job {job.job_id} timed out in phase {job.phase}"
+        elif state == "cancelled":
+            reason = job.cancel_reason or "client_request"
+            job.cancelled_at = job.finished_at
+            job.error = {"code": "CANCELLED", "message": _MESSAGES[reason]}
+            job.emit("error", {**job.error, "retriable": False, "reason": reason})
+            metric, action = "cancelled", "cancel_complete"
+            human = f"Job {job.job_id} cancelled ({reason}) in phase {job.phase}"
+        else:
+            code = outcome.error_code if outcome and outcome.error_code else "INTERNAL"
+            message = outcome.error if outcome and outcome.error else "the job failed unexpectedly"
+            job.error = {"code": code, "message": message}
+            job.emit("error", {**job.error, "retriable": code == "VRAM_OOM", "reason": "engine"})
+            metric, action, level = "failed", "error", logging.ERROR
+            human = f"Job {job.job_id} failed: {message}"
+        job.state = state
+        job.send.close()
+        self.metrics.requests.labels(outcome=metric).inc()
+        if job.started_mono:
+            self.metrics.inference_duration.observe(duration)
+        if job.counted:
+            job.counted = False
+            self._mark_active(-1)
+        logs.log(action, human, level=level, job_id=job.job_id,
+                 correlation_id=job.correlation_id, state=state, tokens_out=job.tokens_out,
+                 phase=job.phase, cancel_reason=job.cancel_reason,
+                 duration_ms=round(duration * 1000, 3))
+
+    # -- slots and queue -------------------------------------------------------------
+
+    def _grant(self, job: Job, slot: int) -> None:
+        job.slot = slot
+        job.slot_granted.set()
+
+    def _release(self, job: Job) -> None:
+        """Take the job out of the queue or hand its (already clean) slot to the next job."""
+        if job in self._waiting:
+            self._waiting.remove(job)
+            self._announce_positions()
+        if job.slot is None:
+            return
+        slot, job.slot = job.slot, None
+        while self._waiting:
+            nxt = self._waiting.pop(0)
+            if nxt.active and not nxt.flag.is_set():
+                self._grant(nxt, slot)
+                self._announce_positions()
+                return
+        self._free_slots.append(slot)
+        self._free_slots.sort()
+
+    def _announce_positions(self) -> None:
+        for position, job in enumerate(self._waiting, start=1):
+            job.emit("queued", {"job_id": job.job_id, "position": position})
+
+    def _mark_active(self, delta: int) -> None:
+        self._n_active += delta
+        if self._n_active == 0:
+            self._idle.set()
+        elif self._idle.is_set():
+            self._idle = trio.Event()
+
+    # -- memory ----------------------------------------------------------------------
+
+    def _forget_expired(self) -> None:
+        now = trio.current_time()
+        for job_id in [k for k, t in self._cancelled_unknown.items() if t <= now]:
+            del self._cancelled_unknown[job_id]
+        horizon = time.monotonic() - self.config.job_history_s
+        for job in list(self._jobs.values()):
+            if job.finished_mono is not None and job.finished_mono < horizon:
+                del self._jobs[job.job_id]
+
+    def _trim_history(self) -> None:
+        finished = [j for j in self._jobs.values() if not j.active]
+        for job in finished[: max(0, len(finished) - self.config.job_history)]:
+            del self._jobs[job.job_id]

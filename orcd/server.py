@@ -1,0 +1,296 @@
+"""The worker process: HTTP first, the model in the background, drain on the way out.
+
+:func:`serve` owns every task: the job registry's nursery, hypercorn, the model loader,
+the health refresher and the ready callback. It supports ``nursery.start`` and reports
+the bound port once the server listens (the model may still be loading then).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from . import logs
+from .bridge import Engine
+from .config import Config
+from .errors import OrcdError
+from .health import HealthState, Nvml
+from .http import create_app
+from .jobs import Job, JobRegistry
+from .metrics import Metrics
+
+try:
+    VERSION = version("orcd")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    VERSION = "0.0.0"
+
+EngineFactory = Callable[[Config, Callable[[float], None]], Engine]
+
+
+class FatalError(OrcdError):
+    """The worker cannot go on (the model did not load, the ready callback failed)."""
+
+    code = "FATAL"
+
+
+def llama_engine_factory(config: Config, on_progress: Callable[[float], None]) -> Engine:
+    """Load the configured model (or the default one) with llama.cpp; runs in a thread."""
+    from .engine import LlamaEngine
+    from .models import default_model
+
+    path = config.model if config.model is not None else default_model()
+
+    def on_llama_error(_level: int, text: str) -> None:
+        logs.log("llama_error", f"llama.cpp: {text}", level=logging.ERROR)
+
+    return LlamaEngine(path, n_ctx=config.n_ctx, threads=config.threads, slots=config.slots,
+                       gpu_device=config.gpu_device, on_progress=on_progress,
+                       on_llama_error=on_llama_error)
+
+
+@attrs.define(eq=False)
+class Worker:
+    """The state every route reads: config, jobs, metrics, health and lifecycle."""
+
+    config: Config
+    registry: JobRegistry
+    metrics: Metrics
+    health_state: HealthState = attrs.field(factory=HealthState)
+    load_progress: float = 0.0
+    uri: str | None = None
+    nvml: Nvml | None = None
+    shutdown_reason: str | None = None
+    _shutdown: trio.Event = attrs.field(factory=trio.Event)
+    _logged_pct: int = -1
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.registry.engine
+
+    def request_shutdown(self, why: str) -> None:
+        if self.shutdown_reason is None:
+            self.shutdown_reason = why
+            self.registry.draining = True
+        self._shutdown.set()
+
+    async def wait_shutdown(self) -> None:
+        await self._shutdown.wait()
+
+    def on_stream_abandoned(self, job: Job) -> None:
+        if job.request_cancel("client_disconnect"):
+            logs.log("client_disconnect", f"Client of job {job.job_id} disconnected",
+                     job_id=job.job_id, correlation_id=job.correlation_id, phase=job.phase)
+
+    def on_load_progress(self, fraction: float) -> None:
+        """Record load progress; logs ``model_load_progress`` at 0/25/50/75/100 %."""
+        self.load_progress = max(self.load_progress, min(1.0, fraction))
+        pct = int(self.load_progress * 100) // 25 * 25
+        while self._logged_pct < pct:
+            self._logged_pct += 25 if self._logged_pct >= 0 else 1
+            logs.log("model_load_progress", f"Model load {self._logged_pct}%",
+                     progress=self._logged_pct)
+
+    def health(self) -> dict[str, Any]:
+        stats = self.registry.statistics()
+        engine = self.engine
+        h = self.health_state
+        if self.registry.draining:
+            state, status = "draining", "draining"
+        elif engine is None:
+            state, status = "starting", "loading"
+        else:
+            state = "busy" if stats.running >= stats.slots else "ready"
+            status = "unhealthy" if h.unhealthy_reason else "ok"
+        info = engine.info if engine is not None else None
+        body: dict[str, Any] = {
+            "status": status,
+            "state": state,
+            "worker_id": self.config.worker_id,
+            "model": info.name if info else None,
+            "quant_kind": info.quant_kind if info else None,
+            "resident": h.resident if self.nvml else False,
+            "device": info.device if info else (
+                "cpu" if self.config.gpu_device is None else f"cuda:{self.config.gpu_device}"),
+            "vram_bytes_used": h.vram_bytes_used if self.nvml else 0,
+            "ram_bytes_used": h.ram_bytes_used,
+            "tokenizer_kind": info.tokenizer_kind if info else None,
+            "vocab_size": info.vocab_size if info else None,
+            "context_length": info.context_length if info else None,
+            "uptime_seconds": round(time.monotonic() - h.started_mono, 3),
+            "capabilities": ["text-gen"],
+            "protocol": "sse",
+            "slots": stats.slots,
+            "active_jobs": stats.running,
+            "queued_jobs": stats.queued,
+            "load_progress": round(self.load_progress, 4),
+            "version": VERSION,
+        }
+        if h.unhealthy_reason:
+            body["unhealthy_reason"] = h.unhealthy_reason
+        return body
+
+
+async def serve(
+    config: Config,
+    *,
+    engine_factory: EngineFactory = llama_engine_factory,
+    nvml_module: Any | None = None,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the worker until it is told to shut down, then drain and return.
+
+    Raises :class:`FatalError` when the model cannot be loaded or the ready callback
+    never succeeds; the CLI turns that into one line on stderr and exit code 1.
+    """
+    metrics = Metrics()
+    registry = JobRegistry(config, metrics)
+    worker = Worker(config, registry, metrics)
+    app = create_app(worker)
+    hcfg = HypercornConfig()
+    hcfg.bind = [f"[{config.host}]:{config.port}" if ":" in config.host
+                 else f"{config.host}:{config.port}"]
+    hcfg.accesslog = None
+    http_log = logging.getLogger("orcd.http")
+    http_log.setLevel(logging.WARNING)
+    hcfg.errorlog = http_log
+    hcfg.graceful_timeout = 5.0
+    hcfg.keep_alive_timeout = 75.0
+    stop_http = trio.Event()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        if handle_signals:
+            nursery.start_soon(_watch_signals, worker)
+        binds = await nursery.start(
+            lambda task_status: hypercorn_serve(app, hcfg, shutdown_trigger=stop_http.wait,
+                                                task_status=task_status))
+        worker.uri = binds[0]
+        port = int(binds[0].rsplit(":", 1)[1])
+        logs.log("startup", f"Listening on {worker.uri}", uri=worker.uri, port=port,
+                 version=VERSION)
+        task_status.started(worker)
+        fatal: list[FatalError] = []
+        nursery.start_soon(_load_then_announce, worker, engine_factory, nvml_module, fatal)
+        await worker.wait_shutdown()
+        logs.log("shutdown", f"Draining ({worker.shutdown_reason}); running jobs get "
+                 f"{config.drain_timeout_s:g} s", reason=worker.shutdown_reason)
+        await registry.drain(config.drain_timeout_s)
+        stop_http.set()
+        # Let hypercorn flush the streams that just got their terminal event, then stop.
+        with trio.move_on_after(hcfg.graceful_timeout + 1):
+            await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    if worker.engine is not None:
+        await trio.to_thread.run_sync(worker.engine.close)
+    if worker.nvml is not None:
+        worker.nvml.close()
+    logs.log("shutdown", "Stopped", reason=worker.shutdown_reason)
+    if fatal:
+        raise fatal[0]
+
+
+async def _load_then_announce(worker: Worker, engine_factory: EngineFactory,
+                              nvml_module: Any | None, fatal: list[FatalError]) -> None:
+    config = worker.config
+    token = trio.lowlevel.current_trio_token()
+    worker.on_load_progress(0.0)
+    try:
+        engine = await trio.to_thread.run_sync(
+            engine_factory, config,
+            lambda f: token.run_sync_soon(worker.on_load_progress, f))
+    except OrcdError as exc:
+        logs.log("error", f"Model failed to load: {exc.message}", level=logging.ERROR)
+        fatal.append(FatalError(exc.message))
+        worker.request_shutdown("model load failed")
+        return
+    worker.on_load_progress(1.0)
+    if config.gpu_device is not None:
+        try:
+            worker.nvml = Nvml(config.gpu_device, nvml_module)
+        except Exception as exc:  # noqa: BLE001 - NVML missing or broken: report, don't invent
+            logs.log("error", f"NVML unavailable, GPU memory is not reported: {exc}",
+                     level=logging.ERROR, device=config.gpu_device)
+    worker.registry.attach_engine(engine)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_refresh_health, worker, engine)
+        info = engine.info
+        logs.log("ready", f"Model {info.name} loaded ({info.quant_kind}, {info.device}, "
+                 f"context {info.context_length}); ready for jobs", model=info.name,
+                 device=info.device, context_length=info.context_length)
+        if config.callback_url:
+            if not await _send_ready_callback(worker, engine):
+                fatal.append(FatalError(
+                    f"ready callback to {config.callback_url} failed for "
+                    f"{config.callback_timeout_s:g} s"))
+                worker.request_shutdown("ready callback failed")
+
+
+async def _refresh_health(worker: Worker, engine: Engine) -> None:
+    """Keep /health's numbers fresh: memory every second, GPU residency every N seconds."""
+    h = worker.health_state
+    size = engine.info.size_bytes
+    while True:
+        h.refresh_memory()
+        if worker.nvml is not None:
+            due = time.monotonic() - h.last_residency_check >= worker.config.residency_check_s
+            if due:
+                await trio.to_thread.run_sync(h.check_gpu, worker.nvml, size)
+                worker.metrics.vram.set(h.vram_bytes_used)
+        await trio.sleep(1.0)
+
+
+async def _send_ready_callback(worker: Worker, engine: Engine) -> bool:
+    """POST the ready announcement, retrying with backoff; False if it never succeeded."""
+    import httpx
+
+    config = worker.config
+    assert config.callback_url is not None
+    body = {"worker_id": config.worker_id, "model_ref": engine.info.path,
+            "vram_bytes": worker.health_state.vram_bytes_used if worker.nvml else 0,
+            "uri": worker.uri}
+    delay = 0.25
+    last = "no attempt"
+    with trio.move_on_after(config.callback_timeout_s):
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            while True:
+                try:
+                    resp = await client.post(config.callback_url, json=body)
+                    if resp.status_code < 300:
+                        logs.log("callback", f"Ready callback accepted by {config.callback_url}",
+                                 status=resp.status_code)
+                        return True
+                    last = f"HTTP {resp.status_code}"
+                except httpx.HTTPError as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                logs.log("callback", f"Ready callback failed ({last}); retrying in {delay:g} s",
+                         level=logging.WARNING)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+    logs.log("error", f"Ready callback to {config.callback_url} never succeeded: {last}",
+             level=logging.ERROR)
+    return False
+
+
+async def _watch_signals(worker: Worker) -> None:
+    """First SIGTERM/SIGINT drains; a second SIGINT exits at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if worker.shutdown_reason is not None and signum == signal.SIGINT:
+                logs.log("shutdown", "Second SIGINT: exiting at once", level=logging.WARNING)
+                sys.stderr.flush()
+                import os
+
+                os._exit(130)
+            worker.request_shutdown(name)
