@@ -222,7 +222,6 @@ class JobRegistry:
             send=send, events=recv,
         )
         self._jobs[job.job_id] = job
-        self._trim_history()
         digest = hashlib.sha256(req.prompt.encode("utf-8")).hexdigest()
         logs.log("execute_start", f"Job {job.job_id} admitted", job_id=job.job_id,
                  correlation_id=correlation_id, prompt_chars=len(req.prompt),
@@ -432,6 +431,7 @@ class JobRegistry:
             human = f"Job {job.job_id} failed: {message}"
         job.state = state
         job.send.close()
+        self._trim_history()
         self.metrics.requests.labels(outcome=metric).inc()
         if job.started_mono:
             self.metrics.inference_duration.observe(duration)
