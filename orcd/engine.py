@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -175,7 +175,7 @@ _log_sink: list[Callable[[int, str], None]] = []
 def _install_llama_log() -> None:
     import llama_cpp
 
-    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    @llama_cpp.llama_log_callback
     def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         if level == 3 and _log_sink:  # GGML_LOG_LEVEL_ERROR
             _log_sink[0](level, text.decode("utf-8", "replace").strip())
@@ -187,7 +187,7 @@ def _install_llama_log() -> None:
 class _Slot:
     """One llama.cpp context with its batch and abort callback; used by one job at a time."""
 
-    def __init__(self, model: object, n_ctx: int, threads: int) -> None:
+    def __init__(self, model: Any, n_ctx: int, threads: int) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
@@ -392,7 +392,8 @@ class _Run:
         sampler = _internals.LlamaSampler()
         try:
             if p.repetition_penalty != 1.0:
-                sampler.add_penalties(self.engine.info.vocab_size, 64, p.repetition_penalty, 0.0, 0.0)
+                sampler.add_penalties(
+                    self.engine.info.vocab_size, 64, p.repetition_penalty, 0.0, 0.0)
             if p.temperature == 0.0:
                 sampler.add_greedy()
             else:

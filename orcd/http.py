@@ -23,8 +23,13 @@ from .errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from .schema import CORRELATION_ID_RE, CancelRequest, ExecuteRequest, parse_json_object
-from .schema import validate_job_id
+from .schema import (
+    CORRELATION_ID_RE,
+    CancelRequest,
+    ExecuteRequest,
+    parse_json_object,
+    validate_job_id,
+)
 from .sse import JobStream
 
 if TYPE_CHECKING:
@@ -98,7 +103,8 @@ def create_app(worker: Worker) -> QuartTrio:
         if ctype is not None and request.mimetype not in ("application/json", ""):
             raise UnsupportedMediaType(
                 f"Content-Type must be application/json, got {ctype!r}")
-        return parse_json_object(await request.get_data(cache=False))
+        body = await request.get_data(cache=False, as_text=False)
+        return parse_json_object(body if isinstance(body, bytes) else body.encode())
 
     @app.post("/execute")
     async def execute() -> Response:

@@ -172,12 +172,12 @@ class JobRegistry:
         self._free_slots = list(range(engine.n_slots))
         self.engine = engine
 
-    async def drain(self, timeout: float) -> None:
-        """Refuse new jobs, cancel queued ones, give running ones ``timeout`` s, then cancel."""
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new jobs, cancel queued ones, give running ones ``grace_s``, then cancel."""
         self.draining = True
         for job in list(self._waiting):
             job.request_cancel("shutdown")
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(grace_s):
             await self.wait_idle()
         for job in list(self._jobs.values()):
             job.request_cancel("shutdown")
@@ -207,7 +207,8 @@ class JobRegistry:
             what = "is active" if existing.active else "is still remembered"
             raise JobExists(f"job {req.job_id!r} {what}", details={"state": existing.state})
         pre_cancelled = self._cancelled_unknown.pop(req.job_id, None) is not None
-        if not pre_cancelled and not self._free_slots and len(self._waiting) >= self.config.queue_depth:
+        queue_full = len(self._waiting) >= self.config.queue_depth
+        if not pre_cancelled and not self._free_slots and queue_full:
             raise WorkerBusy(
                 f"all {engine.n_slots} slot(s) busy and {len(self._waiting)} job(s) queued",
                 details={"queued": len(self._waiting), "queue_depth": self.config.queue_depth},
@@ -256,7 +257,8 @@ class JobRegistry:
         vocab = engine.info.vocab_size
         if req.top_k > vocab:
             errors.append({"field": "top_k", "constraint": "range",
-                           "message": f"top_k must be 0..{vocab} (the vocabulary), got {req.top_k}"})
+                           "message": f"top_k must be 0..{vocab} (the vocabulary), "
+                                      f"got {req.top_k}"})
         if errors:
             raise InvalidRequest(errors)
         max_tokens = req.max_tokens or min(self.config.max_tokens_out, room)
@@ -306,6 +308,15 @@ class JobRegistry:
         return RegistryStats(slots=slots, running=slots - len(self._free_slots)
                              if self.engine else 0, queued=len(self._waiting),
                              draining=self.draining)
+
+    def undelivered(self) -> int:
+        """Streams whose client is still connected but has not yet read every event."""
+        count = 0
+        for job in self._jobs.values():
+            stats = job.events.statistics()
+            if stats.open_receive_channels and (job.active or stats.current_buffer_used):
+                count += 1
+        return count
 
     def __iter__(self) -> Iterator[Job]:
         return iter(list(self._jobs.values()))
@@ -361,9 +372,10 @@ class JobRegistry:
             if outcome.status == "cancelled":
                 self._observe_cancel(job, outcome.phase, outcome.stopped_at)
         finally:
-            with trio.CancelScope(shield=True):
-                self._release(job)
-                self._conclude(job, outcome)
+            # Synchronous, so no cancellation can interrupt it: the slot is already clean
+            # (the engine cleared it), it goes to the next job, and the terminal event out.
+            self._release(job)
+            self._conclude(job, outcome)
 
     def _on_token(self, job: Job, text: str, tokens_out: int) -> None:
         self.metrics.tokens_out.inc(tokens_out - job.tokens_out)
@@ -424,7 +436,8 @@ class JobRegistry:
             human = f"Job {job.job_id} cancelled ({reason}) in phase {job.phase}"
         else:
             code = outcome.error_code if outcome and outcome.error_code else "INTERNAL"
-            message = outcome.error if outcome and outcome.error else "the job failed unexpectedly"
+            message = (outcome.error if outcome and outcome.error
+                       else "the job failed unexpectedly")
             job.error = {"code": code, "message": message}
             job.emit("error", {**job.error, "retriable": code == "VRAM_OOM", "reason": "engine"})
             metric, action, level = "failed", "error", logging.ERROR

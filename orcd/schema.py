@@ -28,9 +28,11 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise InvalidRequest([_err("body", "utf8", f"body is not valid UTF-8 ({exc.reason})")])
+        raise InvalidRequest(
+            [_err("body", "utf8", f"body is not valid UTF-8 ({exc.reason})")]) from None
     except json.JSONDecodeError as exc:
-        raise InvalidRequest([_err("body", "json", f"malformed JSON: {exc.msg} at {exc.pos}")])
+        raise InvalidRequest(
+            [_err("body", "json", f"malformed JSON: {exc.msg} at {exc.pos}")]) from None
     if not isinstance(value, dict):
         raise InvalidRequest(
             [_err("body", "type", f"body must be a JSON object, got {_kind(value)}")]
@@ -218,7 +220,8 @@ class CancelRequest:
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> CancelRequest:
-        errors = [_err(n, "unknown", f"unknown field {n!r}") for n in sorted(set(body) - {"job_id"})]
+        unknown = sorted(set(body) - {"job_id"})
+        errors = [_err(n, "unknown", f"unknown field {n!r}") for n in unknown]
         problem = job_id_problem(body.get("job_id"))
         if problem is not None:
             errors.append(problem)

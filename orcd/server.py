@@ -186,10 +186,12 @@ async def serve(
         logs.log("shutdown", f"Draining ({worker.shutdown_reason}); running jobs get "
                  f"{config.drain_timeout_s:g} s", reason=worker.shutdown_reason)
         await registry.drain(config.drain_timeout_s)
+        # Every open stream has its terminal event queued now; let the clients read it.
+        with trio.move_on_after(hcfg.graceful_timeout):
+            while registry.undelivered():  # noqa: ASYNC110 - a bounded poll of channel stats
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)  # the last frames leave the socket buffers
         stop_http.set()
-        # Let hypercorn flush the streams that just got their terminal event, then stop.
-        with trio.move_on_after(hcfg.graceful_timeout + 1):
-            await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     if worker.engine is not None:
         await trio.to_thread.run_sync(worker.engine.close)
