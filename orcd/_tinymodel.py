@@ -1,34 +1,44 @@
 """Build a tiny, random-weight GGUF model that llama.cpp can load and run.
 
-The model exists so that tests can drive a real ``llama_cpp.Llama`` on a CPU
-in milliseconds, without downloading weights.  It is a 2-layer ``llama``
-architecture (n_embd 64, 4 heads, 2 KV heads, FFN 128, F32 tensors; roughly
-0.5 MB on disk), written with :class:`gguf.GGUFWriter`.  All weights come
-from ``numpy.random.RandomState(seed)``, so one seed always gives the same
-bytes.
+The model exists so that tests can drive a real llama.cpp model on a CPU at
+thousands of tokens per second without downloading weights.  It is a 2-layer
+``llama`` architecture (n_embd 64, 4 heads, 2 KV heads, FFN 128, F32; about
+0.5 MB on disk) written with :class:`gguf.GGUFWriter`.  All weights come from
+``numpy.random.RandomState(seed)``, so a seed always gives the same bytes.
 
 Vocabulary (SentencePiece-style, ``tokenizer.ggml.model = "llama"``)::
 
     0 <unk>   1 <s> (BOS)   2 </s> (EOS)
     3..258    "<0x00>".."<0xFF>"   (type BYTE: byte fallback)
     259       "\u2581" (the SentencePiece space)
-    260..     the printable ASCII characters "!".."~"
+    260..353  the printable ASCII characters "!".."~"
 
-Any UTF-8 text therefore tokenizes, with every non-ASCII character falling
-back to one byte token per UTF-8 byte, and detokenizes back unchanged
-(``add_space_prefix`` is off, so no leading space is invented).
+Any UTF-8 text tokenizes (each non-ASCII character becomes one byte token
+per UTF-8 byte) and detokenizes back unchanged: ``add_space_prefix`` is off.
 
-Keeping EOS (and <unk>/<s>) out of generations: hidden dimension ``d0`` of
-every token embedding holds a constant 1.0, and the ``d0`` rows of every
-residual-writing projection (``attn_output``, ``ffn_down``) are zero, so the
-residual stream carries exactly 1.0 in ``d0`` at every position and layer.
-The other dimensions stay small, so after the final RMSNorm ``h[d0]`` is a
-large positive number (about 5).  ``output.weight[t, d0]`` is -20 for the
-special tokens and 0 elsewhere, which pushes their logits about 100 nats
-below the rest: EOS is effectively never sampled, greedily or at
-temperature 1, and generations of thousands of tokens run to the length
-limit.  The remaining logits are random with a spread of a few nats, so
-sampling with different seeds gives different text.
+Shaping the output: hidden dimensions 0..3 are "class" dimensions.  Every
+token embedding is one-hot over them (the class of the token just read),
+the other 60 dimensions are small random values, and the class rows of the
+residual-writing projections (``attn_output``, ``ffn_down``) are zero, so
+the residual stream carries that one-hot exactly through both layers and,
+after the final RMSNorm, the current class dimension is about +4.5.  Column
+``c`` of ``output.weight`` is 0 for tokens allowed after class ``c`` and
+-20 for all others, which puts disallowed tokens ~90 nats down.  The
+classes form a bigram grammar that yields valid UTF-8:
+
+    FREE  (ASCII, specials, other bytes) -> "\u2581", "!".."~", "\\n",
+                                            lead bytes C2-DF, E1-EC
+    LEAD2 (C2-DF)                        -> final continuation 81-BF
+    LEAD3 (E1-EC)                        -> middle continuation 80
+    MID   (80)                           -> final continuation 81-BF
+
+<unk>, <s> and </s> are never allowed, so EOS is effectively never sampled
+(greedy or at temperature 1) and generations run to the length limit.
+Non-ASCII characters come out split over 2 or 3 byte tokens (3-byte ones
+are U+n001-U+n03F for n = 1..C, e.g. U+2014 EM DASH).  Within the allowed
+set the logits are random with a spread of a few nats, so sampling with
+different seeds gives different text.  Only a prompt that ends in byte 80
+(e.g. U+00C0) or mid-character makes the next token a stray continuation byte.
 """
 
 from __future__ import annotations
@@ -44,24 +54,44 @@ N_LAYER = 2
 N_HEAD = 4
 N_HEAD_KV = 2
 N_FF = 128
-D0 = 0  # the hidden dimension that carries the constant "not special" signal
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
-_SPECIAL_PENALTY = -20.0
+BYTE0 = 3  # token id of "<0x00>"
+FREE, LEAD2, LEAD3, MID = range(4)  # token classes, also their hidden dims
+N_CLASS = 4
+_PENALTY = -20.0  # output weight on a class dim for tokens not allowed next
+_LEAD_BIAS = -0.3  # makes non-ASCII characters somewhat rarer than ASCII
 
 
 def _vocab() -> tuple[list[str], list[float], list[int]]:
     """Return (tokens, scores, token types) of the byte-level vocabulary."""
-    tokens = ["<unk>", "<s>", "</s>"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [gguf.TokenType.BYTE] * 256
-    scores = [0.0] * len(tokens)
     normal = ["\u2581"] + [chr(c) for c in range(0x21, 0x7F)]
+    scores = [0.0] * len(tokens) + [-float(i) for i in range(len(normal))]
     tokens += normal
     types += [gguf.TokenType.NORMAL] * len(normal)
-    scores += [-float(i) for i in range(len(normal))]
     return tokens, scores, [int(t) for t in types]
+
+
+def _grammar(n_vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return each token's class and the (n_vocab, N_CLASS) output-head block."""
+    lead2 = [BYTE0 + b for b in range(0xC2, 0xE0)]
+    lead3 = [BYTE0 + b for b in range(0xE1, 0xED)]
+    mid = [BYTE0 + 0x80]
+    final = [BYTE0 + b for b in range(0x81, 0xC0)]
+    text = [*range(BYTE0 + 256, n_vocab), BYTE0 + 0x0A]
+
+    cls = np.full(n_vocab, FREE)
+    cls[lead2], cls[lead3], cls[mid] = LEAD2, LEAD3, MID
+    head = np.full((n_vocab, N_CLASS), _PENALTY, dtype=np.float32)
+    head[text, FREE] = 0.0
+    head[lead2 + lead3, FREE] = _LEAD_BIAS
+    head[final, LEAD2] = 0.0
+    head[mid, LEAD3] = 0.0
+    head[final, MID] = 0.0
+    return cls, head
 
 
 def build_tiny_gguf(
@@ -78,34 +108,38 @@ def build_tiny_gguf(
     tokens, scores, types = _vocab()
     n_vocab = len(tokens)
     head_dim = N_EMBD // N_HEAD
+    cls, head_block = _grammar(n_vocab)
 
     def rand(*shape: int, std: float) -> np.ndarray:
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
     # numpy shape (rows, cols) is ggml ne = [cols, rows]: weights are (n_out, n_in).
-    tensors: dict[str, np.ndarray] = {}
     embd = rand(n_vocab, N_EMBD, std=0.1)
-    embd[:, D0] = 1.0
-    tensors["token_embd.weight"] = embd
+    embd[:, :N_CLASS] = 0.0
+    embd[np.arange(n_vocab), cls] = 1.0
+    tensors: dict[str, np.ndarray] = {"token_embd.weight": embd}
     for i in range(N_LAYER):
-        p = f"blk.{i}."
-        tensors[p + "attn_norm.weight"] = np.ones(N_EMBD, dtype=np.float32)
-        tensors[p + "attn_q.weight"] = rand(N_EMBD, N_EMBD, std=0.1)
-        tensors[p + "attn_k.weight"] = rand(N_HEAD_KV * head_dim, N_EMBD, std=0.1)
-        tensors[p + "attn_v.weight"] = rand(N_HEAD_KV * head_dim, N_EMBD, std=0.1)
         wo = rand(N_EMBD, N_EMBD, std=0.02)
-        wo[D0, :] = 0.0
-        tensors[p + "attn_output.weight"] = wo
-        tensors[p + "ffn_norm.weight"] = np.ones(N_EMBD, dtype=np.float32)
-        tensors[p + "ffn_gate.weight"] = rand(N_FF, N_EMBD, std=0.1)
-        tensors[p + "ffn_up.weight"] = rand(N_FF, N_EMBD, std=0.1)
         down = rand(N_EMBD, N_FF, std=0.02)
-        down[D0, :] = 0.0
-        tensors[p + "ffn_down.weight"] = down
-    tensors["output_norm.weight"] = np.ones(N_EMBD, dtype=np.float32)
+        wo[:N_CLASS, :] = 0.0  # never write to the class dims
+        down[:N_CLASS, :] = 0.0
+        tensors |= {
+            f"blk.{i}.attn_norm.weight": ones(N_EMBD),
+            f"blk.{i}.attn_q.weight": rand(N_EMBD, N_EMBD, std=0.1),
+            f"blk.{i}.attn_k.weight": rand(N_HEAD_KV * head_dim, N_EMBD, std=0.1),
+            f"blk.{i}.attn_v.weight": rand(N_HEAD_KV * head_dim, N_EMBD, std=0.1),
+            f"blk.{i}.attn_output.weight": wo,
+            f"blk.{i}.ffn_norm.weight": ones(N_EMBD),
+            f"blk.{i}.ffn_gate.weight": rand(N_FF, N_EMBD, std=0.1),
+            f"blk.{i}.ffn_up.weight": rand(N_FF, N_EMBD, std=0.1),
+            f"blk.{i}.ffn_down.weight": down,
+        }
     head = rand(n_vocab, N_EMBD, std=0.3)
-    head[:, D0] = 0.0
-    head[[UNK_ID, BOS_ID, EOS_ID], D0] = _SPECIAL_PENALTY
+    head[:, :N_CLASS] = head_block
+    tensors["output_norm.weight"] = ones(N_EMBD)
     tensors["output.weight"] = head
 
     writer = gguf.GGUFWriter(str(out), arch="llama")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -49,32 +48,43 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(config: Config) -> int:
+    from .bridge import Engine
     from .engine import check_gguf
-    from .server import FatalError, llama_engine_factory, serve
+    from .server import EngineFactory, FatalError, Worker, llama_engine_factory, serve
 
     if config.model is not None:
         check_gguf(config.model)  # a bad path or file fails now, before anything listens
     logs.configure(config.worker_id, config.log_format, config.log_level)
-    factory = llama_engine_factory
+    factory: EngineFactory = llama_engine_factory
     if sys.stderr.isatty() and config.log_format == "text":
         bar = _ProgressBar()
 
-        def factory(cfg: Config, on_progress):  # type: ignore[no-untyped-def]
+        def with_bar(cfg: Config, on_progress: Callable[[float], None]) -> Engine:
             def both(f: float) -> None:
                 bar(f)
                 on_progress(f)
             return llama_engine_factory(cfg, both)
 
+        factory = with_bar
+
+    fatal: list[FatalError] = []
+
+    async def serve_or_record(task_status: trio.TaskStatus[Worker]) -> None:
+        # Caught here, inside the task: a nursery would wrap it in an ExceptionGroup.
+        try:
+            await serve(config, engine_factory=factory, handle_signals=True,
+                        task_status=task_status)
+        except FatalError as exc:
+            fatal.append(exc)
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            worker = await nursery.start(partial(serve, config, engine_factory=factory,
-                                                 handle_signals=True))
+            worker = await nursery.start(serve_or_record)
             print(f"orcd listening on {worker.uri}", flush=True)
 
-    try:
-        trio.run(run)
-    except FatalError as exc:
-        print(f"orcd: error: {exc.message}", file=sys.stderr)
+    trio.run(run)
+    if fatal:
+        print(f"orcd: error: {fatal[0].message}", file=sys.stderr)
         return 1
     return 0
 

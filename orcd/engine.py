@@ -45,15 +45,21 @@ class CancelFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._byte = ctypes.c_ubyte(0)  # what the C abort callback reads, without the GIL
         self.set_at: float | None = None
 
     def set(self) -> None:
         if self.set_at is None:
             self.set_at = time.monotonic()
+        self._byte.value = 1
         self._event.set()
 
     def is_set(self) -> bool:
         return self._event.is_set()
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self._byte)
 
 
 class GenerationSink(Protocol):
@@ -184,6 +190,21 @@ def _install_llama_log() -> None:
     llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
 
 
+def _c_abort_callback() -> Any:
+    """orcd's C abort callback (orcd/_abortflag.c), or None if it was not built."""
+    import llama_cpp
+
+    try:
+        from . import _abortflag
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(_abortflag.__file__)
+    address = ctypes.cast(lib.orcd_abort_requested, ctypes.c_void_p).value
+    callback = llama_cpp.ggml_abort_callback(address)
+    callback._orcd_lib = lib  # keep the library loaded as long as the pointer lives
+    return callback
+
+
 class _Slot:
     """One llama.cpp context with its batch and abort callback; used by one job at a time."""
 
@@ -201,7 +222,6 @@ class _Slot:
         params.no_perf = True
         self.ctx = _internals.LlamaContext(model=model, params=params, verbose=True)
         self.batch = _internals.LlamaBatch(n_tokens=PROMPT_CHUNK, embd=0, n_seq_max=1)
-        self.flag: CancelFlag | None = None
         self.probe: Callable[[], None] | None = None  # tests hold a decode here
 
         def _abort(_data: ctypes.c_void_p) -> bool:
@@ -210,8 +230,31 @@ class _Slot:
             flag = self.flag
             return flag is not None and flag.is_set()
 
-        self._abort_cb = llama_cpp.ggml_abort_callback(_abort)
-        llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._abort_cb, ctypes.c_void_p(0))
+        self._py_abort = llama_cpp.ggml_abort_callback(_abort)
+        self._c_abort = _c_abort_callback()
+        self._idle = ctypes.c_ubyte(0)  # what the C callback reads between jobs: never set
+        self.disarm()
+
+    def arm(self, flag: CancelFlag) -> None:
+        """Point llama.cpp's abort callback at this job's flag."""
+        import llama_cpp
+
+        self.flag = flag
+        if self._c_abort is not None and self.probe is None:
+            llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._c_abort,
+                                               ctypes.c_void_p(flag.address))
+        else:
+            llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._py_abort, None)
+
+    def disarm(self) -> None:
+        import llama_cpp
+
+        self.flag = None
+        if self._c_abort is not None:
+            llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._c_abort,
+                                               ctypes.c_void_p(ctypes.addressof(self._idle)))
+        else:
+            llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._py_abort, None)
 
     def decode(self, tokens: Sequence[int], n_past: int) -> int:
         import llama_cpp
@@ -319,12 +362,12 @@ class LlamaEngine:
         failure. The slot's sequence state is cleared before it returns.
         """
         s = self._slots[slot]
-        s.flag = flag
+        s.arm(flag)
         run = _Run(self, s, params, flag, sink)
         try:
             return run.execute(prompt_tokens)
         finally:
-            s.flag = None
+            s.disarm()
             s.clear()
 
     def cached_tokens(self, slot: int) -> int:
@@ -332,7 +375,10 @@ class LlamaEngine:
         return self._slots[slot].cached_tokens()
 
     def set_abort_probe(self, probe: Callable[[], None] | None) -> None:
-        """Call ``probe`` from llama.cpp's abort callback (inside a decode); for tests."""
+        """Call ``probe`` from llama.cpp's abort callback (inside a decode); for tests.
+
+        While a probe is set, generations use the Python abort callback instead of the C one.
+        """
         for s in self._slots:
             s.probe = probe
 

@@ -45,8 +45,10 @@ class Nvml:
 
     def __init__(self, device: int, module: ModuleType | Any | None = None) -> None:
         if module is None:
-            import pynvml as module  # type: ignore[no-redef]
-        self._nvml = module
+            import pynvml
+
+            module = pynvml
+        self._nvml: Any = module
         self._nvml.nvmlInit()
         self._handle = self._nvml.nvmlDeviceGetHandleByIndex(device)
         self.device = device
@@ -60,16 +62,21 @@ class Nvml:
         nv = self._nvml
         try:
             used: int | None = None
+            listed = False
             for proc in nv.nvmlDeviceGetComputeRunningProcesses(self._handle):
                 if proc.pid == os.getpid():
-                    used = int(proc.usedGpuMemory or 0)
-            if used is None:
+                    listed = True
+                    if proc.usedGpuMemory is not None:
+                        used = int(proc.usedGpuMemory)
+            if not listed:
                 return GpuReading(0, False, "this process is not on the GPU according to NVML")
+            if used is None:  # NVML_VALUE_NOT_AVAILABLE: no per-process figure
+                used = int(nv.nvmlDeviceGetMemoryInfo(self._handle).used)
             resident = used >= model_bytes
             return GpuReading(used, resident,
                               None if resident else f"only {used} bytes on the GPU, "
                               f"the model needs {model_bytes}")
-        except nv.NVMLError as exc:  # type: ignore[attr-defined]
+        except nv.NVMLError as exc:
             return GpuReading(0, False, f"NVML failed: {exc}")
 
     def close(self) -> None:

@@ -223,6 +223,11 @@ async def _load_then_announce(worker: Worker, engine_factory: EngineFactory,
         except Exception as exc:  # noqa: BLE001 - NVML missing or broken: report, don't invent
             logs.log("error", f"NVML unavailable, GPU memory is not reported: {exc}",
                      level=logging.ERROR, device=config.gpu_device)
+    # First readings before the worker says it is ready: neither /health nor the ready
+    # callback shows a GPU worker's VRAM as 0 just because nobody has looked yet.
+    worker.health_state.refresh_memory()
+    if worker.nvml is not None:
+        await _check_gpu(worker, engine)
     worker.registry.attach_engine(engine)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_refresh_health, worker, engine)
@@ -241,15 +246,21 @@ async def _load_then_announce(worker: Worker, engine_factory: EngineFactory,
 async def _refresh_health(worker: Worker, engine: Engine) -> None:
     """Keep /health's numbers fresh: memory every second, GPU residency every N seconds."""
     h = worker.health_state
-    size = engine.info.size_bytes
     while True:
         h.refresh_memory()
         if worker.nvml is not None:
             due = time.monotonic() - h.last_residency_check >= worker.config.residency_check_s
             if due:
-                await trio.to_thread.run_sync(h.check_gpu, worker.nvml, size)
-                worker.metrics.vram.set(h.vram_bytes_used)
+                await _check_gpu(worker, engine)
         await trio.sleep(1.0)
+
+
+async def _check_gpu(worker: Worker, engine: Engine) -> None:
+    """Read VRAM and residency through NVML, in a thread (NVML calls may block)."""
+    assert worker.nvml is not None
+    h = worker.health_state
+    await trio.to_thread.run_sync(h.check_gpu, worker.nvml, engine.info.size_bytes)
+    worker.metrics.vram.set(h.vram_bytes_used)
 
 
 async def _send_ready_callback(worker: Worker, engine: Engine) -> bool:
