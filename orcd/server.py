@@ -51,7 +51,11 @@ def llama_engine_factory(config: Config, on_progress: Callable[[float], None]) -
     path = config.model if config.model is not None else default_model()
 
     def on_llama_error(_level: int, text: str) -> None:
-        logs.log("llama_error", f"llama.cpp: {text}", level=logging.ERROR)
+        # llama.cpp reports an aborted decode's cleanup at error level: a cancel doing its
+        # job, not a fault. Real failures reach the job as an error outcome anyway.
+        expected = "removing memory module entries" in text or "aborted" in text
+        logs.log("llama_log", f"llama.cpp: {text}",
+                 level=logging.DEBUG if expected else logging.WARNING)
 
     return LlamaEngine(path, n_ctx=config.n_ctx, threads=config.threads, slots=config.slots,
                        gpu_device=config.gpu_device, on_progress=on_progress,

@@ -586,9 +586,9 @@ async def test_health_reports_nvml_residency_and_turns_unhealthy(
         status, body = await wait_health(lambda s, b: s == 200)
         assert body["status"] == "ok" and body["resident"] is True
 
-    errors = [x for x in log_capture.lines() if x["level"] == "error"]
+    errors = log_capture.actions("error")
     assert len(errors) == 2, errors  # one line per new problem, not one per check
-    assert all(x["action"] == "error" and x["device"] == 0 for x in errors)
+    assert all(x["level"] == "error" and x["device"] == 0 for x in errors)
     assert log_capture.actions("residency_ok")
     assert fake.calls[-1] == "shutdown"
 
@@ -602,5 +602,5 @@ async def test_nvml_that_cannot_start_is_logged_and_never_invents_numbers(
         assert body["vram_bytes_used"] == 0 and body["resident"] is False
         events = await h.execute(job_id="nvml-off", prompt="still works", max_tokens=5)
         assert terminal(events).name == "end"
-    [error] = [x for x in log_capture.lines() if x["level"] == "error"]
-    assert "NVML" in error["human"] and error["device"] == 0
+    [error] = log_capture.actions("error")
+    assert error["level"] == "error" and "NVML" in error["human"] and error["device"] == 0
