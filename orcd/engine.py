@@ -337,8 +337,17 @@ class LlamaEngine:
             device="cpu" if gpu_device is None else f"cuda:{gpu_device}",
             size_bytes=model.size(),
         )
+        self._warm_up(model)
         if on_progress is not None:
             on_progress(1.0)
+
+    def _warm_up(self, model: Any) -> None:
+        """One decode per slot, so the first job does not pay llama.cpp's first-use costs."""
+        bos = model.token_bos()
+        token = bos if bos >= 0 else 0
+        for s in self._slots:
+            s.decode((token,), 0)
+            s.clear()
 
     @property
     def n_slots(self) -> int:
