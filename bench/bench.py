@@ -210,7 +210,8 @@ class Stream(threading.Thread):
     def run(self) -> None:
         try:
             self.t_send = self.t_send or now()
-            with self.server.client.stream("POST", self.server.gen_path, json=self.body) as r:
+            with self.server.client.stream("POST", self.server.base + self.server.gen_path,
+                                           json=self.body) as r:
                 if r.status_code != 200:
                     r.read()
                     raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
@@ -819,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {model.name}, {THREADS} threads, {'quick' if args.quick else 'full'} mode; "
         f"server logs in {logdir}")
     random.seed(1)
+    load_start = os.getloadavg()
     res = Results()
     t_start = now()
     errors: list[str] = []
@@ -854,6 +856,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"n_ctx": N_CTX, "threads": THREADS, "temperature": 0.0,
                      "long_prompt_target_tokens": LONG_TOKENS, "short_prompt": SHORT_PROMPT},
         "duration_s": round(now() - t_start, 1), "errors": errors, "log_dir": str(logdir),
+        # other processes on the machine skew every figure; the load shows how much
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "summary": summ, "goals": goals, "samples": asdict(res),
     }
     args.out.write_text(json.dumps(doc, indent=1))

@@ -195,14 +195,16 @@ def _c_abort_callback() -> Any:
     import llama_cpp
 
     try:
-        from . import _abortflag
+        from . import _abortflag  # type: ignore[attr-defined]
     except ImportError:
         return None
     lib = ctypes.CDLL(_abortflag.__file__)
+    _C_LIBS.append(lib)  # keep the library loaded as long as the pointer lives
     address = ctypes.cast(lib.orcd_abort_requested, ctypes.c_void_p).value
-    callback = llama_cpp.ggml_abort_callback(address)
-    callback._orcd_lib = lib  # keep the library loaded as long as the pointer lives
-    return callback
+    return llama_cpp.ggml_abort_callback(address) if address else None
+
+
+_C_LIBS: list[ctypes.CDLL] = []
 
 
 class _Slot:
@@ -223,6 +225,7 @@ class _Slot:
         self.ctx = _internals.LlamaContext(model=model, params=params, verbose=True)
         self.batch = _internals.LlamaBatch(n_tokens=PROMPT_CHUNK, embd=0, n_seq_max=1)
         self.probe: Callable[[], None] | None = None  # tests hold a decode here
+        self.flag: CancelFlag | None = None
 
         def _abort(_data: ctypes.c_void_p) -> bool:
             if self.probe is not None:

@@ -37,6 +37,11 @@ class GpuReading:
     error: str | None = None
 
 
+def _pid_visible(pid: int) -> bool:
+    """Whether ``pid`` exists in this process's PID namespace."""
+    return os.path.exists(f"/proc/{pid}")
+
+
 class Nvml:
     """GPU memory of this process on one device, read through pynvml (``nvidia-ml-py``).
 
@@ -57,18 +62,21 @@ class Nvml:
         """VRAM this process uses, and whether the model's weights are resident on the GPU.
 
         Resident means NVML lists this process on the device holding at least the
-        model's size. Where NVML gives no per-process figure, the device total is used.
+        model's size. Where NVML gives no per-process figure, or lists only PIDs of another
+        PID namespace (a container: NVML reports host PIDs), the device total is used.
         """
         nv = self._nvml
         try:
             used: int | None = None
             listed = False
-            for proc in nv.nvmlDeviceGetComputeRunningProcesses(self._handle):
+            procs = list(nv.nvmlDeviceGetComputeRunningProcesses(self._handle))
+            for proc in procs:
                 if proc.pid == os.getpid():
                     listed = True
                     if proc.usedGpuMemory is not None:
                         used = int(proc.usedGpuMemory)
-            if not listed:
+            foreign_pids = bool(procs) and not any(_pid_visible(p.pid) for p in procs)
+            if not listed and not foreign_pids:
                 return GpuReading(0, False, "this process is not on the GPU according to NVML")
             if used is None:  # NVML_VALUE_NOT_AVAILABLE: no per-process figure
                 used = int(nv.nvmlDeviceGetMemoryInfo(self._handle).used)

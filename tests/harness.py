@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -162,7 +162,7 @@ class Harness:
                 await trio.sleep(0.005)
 
 
-async def sse_events(resp: httpx.Response) -> AsyncIterator[Event]:
+async def sse_events(resp: httpx.Response) -> AsyncGenerator[Event, None]:
     """Parse an SSE body into events; checks every frame's shape on the way."""
     name: str | None = None
     async for line in resp.aiter_lines():

@@ -42,6 +42,8 @@ def gemma_server(gemma_model: Path, tmp_path: Path) -> Iterator[tuple[str, subpr
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
         log.close()
 
 

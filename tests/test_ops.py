@@ -101,6 +101,9 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+FOREIGN_PID = 4_194_304 + 7  # above Linux's largest pid_max: never a PID we can see
+
+
 class FakeNvml:
     """A ``pynvml`` double: this process holds ``used`` bytes on the device, or NVML fails."""
 
@@ -110,6 +113,7 @@ class FakeNvml:
     def __init__(self, used: int | None) -> None:
         self.used = used
         self.listed = True  # whether this process appears in the device's process list
+        self.foreign = False  # whether NVML lists only PIDs of another PID namespace
         self.device_used = 0  # nvmlDeviceGetMemoryInfo(...).used
         self.fail = False
         self.fail_init = False
@@ -128,7 +132,11 @@ class FakeNvml:
         assert handle[0] == "gpu"
         if self.fail:
             raise self.NVMLError("GPU is lost")
-        procs = [SimpleNamespace(pid=os.getpid() + 1, usedGpuMemory=8 * 1024 * MiB)]
+        # Another process of ours on the GPU (the parent: a PID that exists in /proc).
+        procs = [SimpleNamespace(pid=os.getppid(), usedGpuMemory=8 * 1024 * MiB)]
+        if self.foreign:  # NVML inside a container: only host PIDs we cannot see
+            procs = [SimpleNamespace(pid=FOREIGN_PID, usedGpuMemory=self.used)]
+            return procs
         if self.listed:
             procs.append(SimpleNamespace(pid=os.getpid(), usedGpuMemory=self.used))
         return procs
@@ -538,6 +546,10 @@ def test_nvml_reads_this_process_on_the_device() -> None:
     gone = nvml.read(4000)
     assert gone.vram_bytes_used == 0 and not gone.resident and gone.error
 
+    fake.listed, fake.foreign, fake.device_used = False, True, 9000
+    in_container = nvml.read(4000)  # host PIDs only: the device total is the figure
+    assert in_container == GpuReading(9000, True, None)
+    fake.foreign = False
     fake.listed, fake.fail = True, True
     failed = nvml.read(4000)
     assert failed == GpuReading(0, False, "NVML failed: GPU is lost")
