@@ -90,6 +90,40 @@ def nonce() -> str:
     return uuid.uuid4().hex[:8]
 
 
+def _cpu_jiffies(pid: int | None = None) -> int:
+    """Busy jiffies of the whole machine (pid None) or of one process (all its threads)."""
+    if pid is None:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(v) - v[3] - v[4]
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+
+
+class CpuWatch:
+    """How much CPU other processes took while one system was measured (0 = a quiet box)."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pids = [os.getpid()] + ([pid] if pid else [])
+        self.t0, self.busy0, self.ours0 = now(), _cpu_jiffies(), self._ours()
+
+    def _ours(self) -> int:
+        return sum(_cpu_jiffies(p) for p in self.pids)
+
+    def foreign(self) -> float:
+        """Foreign CPU time as a fraction of the machine's capacity over the interval."""
+        hz = os.sysconf("SC_CLK_TCK")
+        capacity = (now() - self.t0) * hz * THREADS
+        other = (_cpu_jiffies() - self.busy0) - (self._ours() - self.ours0)
+        return max(0.0, other / capacity) if capacity > 0 else 0.0
+
+
+def idle_check() -> float:
+    """Fraction of the machine busy over one second, before anything of ours runs."""
+    w = CpuWatch()
+    time.sleep(1.0)
+    return w.foreign()
+
+
 # -- generation records ------------------------------------------------------------------
 
 @dataclass
@@ -483,6 +517,7 @@ class Results:
     cancel: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     health: dict[str, dict[str, Any]] = field(default_factory=dict)
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    foreign_cpu: dict[str, float] = field(default_factory=dict)
 
 
 def long_prompt(tokenize: Callable[[str], list[int]]) -> str:
@@ -499,6 +534,7 @@ def log(msg: str) -> None:
 
 def bench_raw(model: Path, plan: Plan, res: Results) -> str:
     log("raw: loading the model in-process")
+    watch = CpuWatch()
     raw = RawEngine(model)
     body = long_prompt(raw.tokenize)
     try:
@@ -511,6 +547,7 @@ def bench_raw(model: Path, plan: Plan, res: Results) -> str:
                 res.gens["raw"][kind].append(asdict(g))
             log(f"raw: {kind} prompt done ({g.prompt_tokens} prompt tokens, {g.tokens} out)")
     finally:
+        res.foreign_cpu["raw"] = watch.foreign()
         raw.close()
         del raw
         gc.collect()
@@ -527,66 +564,102 @@ def measure_gens(srv: Server, plan: Plan, body: str, res: Results) -> None:
         log(f"{srv.name}: {kind} prompt done ({g.tokens} tokens out)")
 
 
-def cancel_sample(srv: Server, phase: str, body: str, idle: float,
-                  long_ttft: float) -> dict[str, Any]:
-    """One cancel in ``phase``; returns the black-box and (orcd) stream-event latencies."""
-    a: Stream | None = None
+class Skip(Exception):
+    """The cancel did not land in the intended phase: the sample is dropped (and counted)."""
+
+
+def cancel_sample(srv: Server, phase: str, body: str, idle: float, long_ttft: float,
+                  n_busy: int) -> dict[str, Any]:
+    """One cancel in ``phase``; returns the black-box and (orcd) stream-event latencies.
+
+    ``n_busy`` tokens keep the server generating for about 1.5 s.
+    """
+    streams: list[Stream] = []
     info: dict[str, Any] = {"valid": True}
-    if phase == "queued":
-        a = srv.stream(f"[{nonce()}] {SHORT_PROMPT}", 48)
-        a.wait_kind("token", 2)
-        s = srv.stream(f"[{nonce()}] {SHORT_PROMPT}", 48)
-        if isinstance(srv, Orcd):
-            s.wait_kind("queued")
+
+    def open_stream(prompt: str, max_tokens: int) -> Stream:
+        st = srv.stream(f"[{nonce()}] {prompt}", max_tokens)
+        streams.append(st)
+        return st
+
+    try:
+        a: Stream | None = None
+        if phase == "queued":  # cancel B, queued behind the running A
+            a = open_stream(SHORT_PROMPT, n_busy)
+            a.wait_kind("token", 2)
+            s = open_stream(SHORT_PROMPT, 16)
+            if isinstance(srv, Orcd):
+                s.wait_for(lambda evs: any(e.kind in ("queued", "started") for e in evs))
+                if s.first("queued") is None:
+                    raise Skip("the second job was not queued")
+            else:
+                s.wait_kind("headers")
+                time.sleep(0.05)  # let the request reach llama_cpp.server's model lock
+        elif phase == "prompt":
+            s = open_stream(body, 16)
+            delay = min(random.uniform(0.1, 0.3), 0.5 * long_ttft)
+            info["delay_s"] = delay
+            time.sleep(max(0.0, s.t_send + delay - now()))
         else:
-            s.wait_kind("headers")
-            time.sleep(0.05)  # let the request reach llama_cpp.server's model lock
-        info["valid"] = a.first("end") is None
-    elif phase == "prompt":
-        s = srv.stream(f"[{nonce()}] {body}", 16)
-        delay = min(random.uniform(0.1, 0.3), 0.5 * long_ttft)
-        info["delay_s"] = delay
-        time.sleep(max(0.0, s.t_send + delay - now()))
-    else:
-        s = srv.stream(f"[{nonce()}] {SHORT_PROMPT}", 256)
-        s.wait_kind("token", 8)
-    t0 = now()
-    srv.cancel(s)
-    t_probe_done = srv.probe_from(t0)
-    info["probe_total_s"] = t_probe_done - t0
-    if a is not None:
-        a.finish()
-        end = a.first("end")
-        start = max(t0, end.t) if end is not None else t0
-        info["blackbox_s"] = t_probe_done - start - idle
-    else:
-        info["blackbox_s"] = t_probe_done - t0 - idle
-    s.finish(30)
-    if phase == "prompt":
-        info["valid"] = not any(e.kind == "token" and e.t < t0 for e in s.events)
+            s = open_stream(SHORT_PROMPT, n_busy)
+            s.wait_kind("token", 8)
+        t0 = now()
+        srv.cancel(s)
+        t_done = srv.probe_from(t0)
+        info["probe_total_s"] = t_done - t0
+        s.finish(60)
+        if a is not None:
+            a.finish()
+            end = a.first("end")
+            if end is None or end.t < t0:
+                raise Skip("the running job was over before the cancel")
+            # what the cancelled, queued job still costs the next one
+            info["blackbox_s"] = t_done - end.t - idle
+        else:
+            info["blackbox_s"] = t_done - t0 - idle
+        if phase == "prompt" and (any(e.kind == "token" and e.t < t0 for e in s.events) or (
+                isinstance(srv, Orcd) and srv.tokens_out(s.job_id) > 0)):
+            raise Skip("the prompt was evaluated before the cancel")
+        s_end = s.first("end")
+        if s_end is not None and (isinstance(srv, Orcd) or s_end.t < t0):
+            raise Skip("the job finished before the cancel")
         if isinstance(srv, Orcd):
-            info["valid"] = info["valid"] and srv.tokens_out(s.job_id) == 0
-    if isinstance(srv, Orcd):
-        err = s.first("error")
-        if err is None or err.data.get("code") != "CANCELLED":
-            raise RuntimeError(f"orcd: cancelled stream ended without error CANCELLED: "
-                               f"{[(e.kind, e.data) for e in s.events[-3:]]}")
-        info["event_s"] = err.t - t0
-        info["reason"] = err.data.get("reason")
+            err = s.first("error")
+            if err is None or err.data.get("code") != "CANCELLED":
+                raise RuntimeError("orcd: the cancelled stream did not end with error "
+                                   f"CANCELLED: {[(e.kind, e.data) for e in s.events[-2:]]}")
+            info["event_s"] = err.t - t0
+            info["reason"] = err.data.get("reason")
+    except Skip as exc:
+        info.update(valid=False, why=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one bad sample must not end the run
+        info.update(valid=False, why=f"{type(exc).__name__}: {exc}")
+        log(f"{srv.name}: cancel/{phase} sample failed: {info['why']}")
+    finally:
+        for st in streams:
+            if not st.done.is_set():
+                st.close_now()
+            st.finish(60)
     return info
 
 
 def measure_cancel(srv: Server, plan: Plan, body: str, res: Results) -> None:
     idle = quantile(res.idle_probe_s[srv.name], 0.5)
     long_ttft = quantile([g["ttft_s"] for g in res.gens[srv.name]["long"]], 0.5)
+    tps = quantile([g["decode_tps"] for g in res.gens[srv.name]["short"]], 0.5)
+    n_busy = max(24, min(2000, int(tps * 1.5)))
     res.cancel[srv.name] = {}
     for phase in ("queued", "prompt", "decode"):
-        samples = [cancel_sample(srv, phase, body, idle, long_ttft)
+        samples = [cancel_sample(srv, phase, body, idle, long_ttft, n_busy)
                    for _ in range(plan.cancel_reps)]
         res.cancel[srv.name][phase] = samples
-        bb = summary([x["blackbox_s"] for x in samples])
-        log(f"{srv.name}: cancel/{phase}: median {bb['median'] * 1e3:.1f} ms, "
-            f"p99 {bb['p99'] * 1e3:.1f} ms")
+        bb = summary([x["blackbox_s"] for x in samples if x["valid"]])
+        dropped = sum(not x["valid"] for x in samples)
+        if bb["n"]:
+            log(f"{srv.name}: cancel/{phase}: median {bb['median'] * 1e3:.1f} ms, "
+                f"p99 {bb['p99'] * 1e3:.1f} ms ({dropped} dropped)")
+        else:
+            log(f"{srv.name}: cancel/{phase}: no valid sample ({dropped} dropped)")
 
 
 def measure_health(srv: Server, plan: Plan, res: Results) -> None:
@@ -596,9 +669,9 @@ def measure_health(srv: Server, plan: Plan, res: Results) -> None:
         s = srv.stream(f"[{nonce()}] {SHORT_PROMPT}", 64)
         s.wait_kind("token")
         calls: list[tuple[float, float]] = []
-        while not s.done.is_set():
+        while not s.done.is_set() and len(calls) < 50:
             calls.append((now(), srv.health_once()))
-            time.sleep(0.01)
+            time.sleep(0.02)
         s.finish()
         end = s.first("end")
         t_end = end.t if end is not None else s.events[-1].t
@@ -630,6 +703,8 @@ def bench_server(srv: Server, plan: Plan, body: str, res: Results) -> None:
     try:
         srv.start()
         log(f"{srv.name}: ready in {now() - t0:.1f} s at {srv.base}")
+        assert srv.proc is not None
+        watch = CpuWatch(srv.proc.pid)
         for _ in range(2):
             srv.stream(f"[{nonce()}] {SHORT_PROMPT}", 16).gen()
         srv.stream(f"[{nonce()}] {body}", 4).gen()
@@ -638,6 +713,7 @@ def bench_server(srv: Server, plan: Plan, body: str, res: Results) -> None:
         measure_health(srv, plan, res)
         measure_cancel(srv, plan, body, res)
         measure_memory(srv, plan, res)
+        res.foreign_cpu[srv.name] = watch.foreign()
     finally:
         srv.stop()
 
@@ -723,6 +799,12 @@ def report(summ: dict[str, Any], res: Results) -> list[dict[str, Any]]:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
     print(f"(health peer = {h.get('peer', {}).get('endpoint', 'n/a')}; "
           "cancel 'server free' = extra wait of a 1-token probe sent right after the cancel)")
+    if res.foreign_cpu:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in res.foreign_cpu.items())
+        print(f"CPU taken by other processes while measuring: {shares}")
+        if max(res.foreign_cpu.values()) > 0.10:
+            print("WARNING: the machine was not quiet; llama.cpp's threads degrade badly when "
+                  "they share cores, so these figures are unreliable")
     # goals
     goals: list[dict[str, Any]] = []
     for kind in ("short", "long"):
@@ -821,6 +903,9 @@ def main(argv: list[str] | None = None) -> int:
         f"server logs in {logdir}")
     random.seed(1)
     load_start = os.getloadavg()
+    busy = idle_check()
+    if busy > 0.10:
+        log(f"WARNING: other processes keep {busy:.0%} of the CPU busy; results will be noisy")
     res = Results()
     t_start = now()
     errors: list[str] = []
@@ -858,6 +943,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": round(now() - t_start, 1), "errors": errors, "log_dir": str(logdir),
         # other processes on the machine skew every figure; the load shows how much
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "busy_before_start": busy, "foreign_cpu": res.foreign_cpu,
         "summary": summ, "goals": goals, "samples": asdict(res),
     }
     args.out.write_text(json.dumps(doc, indent=1))

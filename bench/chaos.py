@@ -1302,8 +1302,8 @@ def summarize(res: dict[str, Any], server_exit: int | None, log_errors: list[str
     print(f"violations          {len(rep.violations)}")
     groups: dict[str, list[str]] = {}
     for v in rep.violations:  # group repeats of one problem: ids and numbers blanked out
-        groups.setdefault(re.sub(r"(bad|chaos|warm)-\d+[\w-]*|\b[0-9a-f]{16}\b|\d+", "#", v),
-                          []).append(v)
+        key = re.sub(r'(bad|chaos|warm)-\d+[\w-]*|"correlation_id": "[^"]*"|\d+', "#", v)
+        groups.setdefault(key, []).append(v)
     for same in groups.values():
         print(f"  - {same[0]}" + (f"  (x{len(same)})" if len(same) > 1 else ""))
     return 1 if rep.violations else 0

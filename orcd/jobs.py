@@ -444,6 +444,9 @@ class JobRegistry:
             human = f"Job {job.job_id} failed: {message}"
         job.state = state
         job.send.close()
+        # A remembered job keeps its numbers, not its prompt: history stays small.
+        job.prompt_tokens = []
+        job.request = attrs.evolve(job.request, prompt="")
         self._trim_history()
         self.metrics.requests.labels(outcome=metric).inc()
         if job.started_mono:
