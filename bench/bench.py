@@ -55,7 +55,8 @@ now = time.perf_counter
 @dataclass(frozen=True)
 class Plan:
     idle_probes: int
-    gen_reps: int
+    short_reps: int
+    long_reps: int
     short_tokens: int
     long_tokens_out: int
     cancel_reps: int
@@ -63,10 +64,10 @@ class Plan:
     cycles: int
 
 
-QUICK = Plan(idle_probes=5, gen_reps=3, short_tokens=64, long_tokens_out=32, cancel_reps=5,
-             health_jobs=2, cycles=20)
-FULL = Plan(idle_probes=10, gen_reps=8, short_tokens=128, long_tokens_out=32, cancel_reps=15,
-            health_jobs=3, cycles=100)
+QUICK = Plan(idle_probes=5, short_reps=3, long_reps=2, short_tokens=64, long_tokens_out=16,
+             cancel_reps=5, health_jobs=2, cycles=20)
+FULL = Plan(idle_probes=10, short_reps=8, long_reps=4, short_tokens=96, long_tokens_out=32,
+            cancel_reps=12, health_jobs=3, cycles=100)
 
 
 # -- statistics --------------------------------------------------------------------------
@@ -122,6 +123,19 @@ def idle_check() -> float:
     w = CpuWatch()
     time.sleep(1.0)
     return w.foreign()
+
+
+def wait_quiet(max_wait: float, what: str) -> float:
+    """Wait (up to ``max_wait`` s) until other processes leave the CPU; returns their share."""
+    deadline = now() + max_wait
+    busy = idle_check()
+    while busy > 0.10 and now() < deadline:
+        log(f"{what}: other processes keep {busy:.0%} of the CPU busy; waiting for quiet")
+        time.sleep(min(10.0, max(0.0, deadline - now())))
+        busy = idle_check()
+    if busy > 0.10:
+        log(f"WARNING: other processes keep {busy:.0%} of the CPU busy; results will be noisy")
+    return busy
 
 
 # -- generation records ------------------------------------------------------------------
@@ -384,15 +398,26 @@ class Server:
     def probe(self) -> float:
         """A one-token request, read to its end: seconds from send to done."""
         t0 = now()
-        self.probe_from(t0)
-        return now() - t0
+        return self.probe_run()[1] - t0
 
-    def probe_from(self, _t0: float) -> float:
+    def probe_run(self) -> tuple[float | None, float]:
+        """Send a one-token request and read it to its end.
+
+        Returns when its ``started`` event arrived (orcd only: the job got the slot) and
+        when the response was complete.
+        """
         body = self.body(f"bench-probe-{uuid.uuid4().hex}", f"Probe {nonce()}: Hi", 1)
-        r = self.client.post(self.base + self.gen_path, json=body)
-        if r.status_code != 200 or not self.probe_ok(r.text):
-            raise RuntimeError(f"{self.name} probe failed: HTTP {r.status_code} {r.text[:300]}")
-        return now()
+        t_started: float | None = None
+        buf = b""
+        with self.client.stream("POST", self.base + self.gen_path, json=body) as r:
+            for chunk in r.iter_raw():
+                buf += chunk
+                if t_started is None and b"event: started" in buf:
+                    t_started = now()
+        text = buf.decode("utf-8", "replace")
+        if r.status_code != 200 or not self.probe_ok(text):
+            raise RuntimeError(f"{self.name} probe failed: HTTP {r.status_code} {text[:300]}")
+        return t_started, now()
 
     def health_once(self) -> float:
         t0 = now()
@@ -540,9 +565,9 @@ def bench_raw(model: Path, plan: Plan, res: Results) -> str:
     try:
         raw.generate(f"[{nonce()}] {SHORT_PROMPT}", 8)  # warm-up
         res.gens["raw"] = {"short": [], "long": []}
-        for kind, prompt, n in (("short", SHORT_PROMPT, plan.short_tokens),
-                                ("long", body, plan.long_tokens_out)):
-            for _ in range(plan.gen_reps):
+        for kind, prompt, n, reps in (("short", SHORT_PROMPT, plan.short_tokens, plan.short_reps),
+                                      ("long", body, plan.long_tokens_out, plan.long_reps)):
+            for _ in range(reps):
                 g = raw.generate(f"[{nonce()}] {prompt}", n)
                 res.gens["raw"][kind].append(asdict(g))
             log(f"raw: {kind} prompt done ({g.prompt_tokens} prompt tokens, {g.tokens} out)")
@@ -556,9 +581,9 @@ def bench_raw(model: Path, plan: Plan, res: Results) -> str:
 
 def measure_gens(srv: Server, plan: Plan, body: str, res: Results) -> None:
     res.gens[srv.name] = {"short": [], "long": []}
-    for kind, prompt, n in (("short", SHORT_PROMPT, plan.short_tokens),
-                            ("long", body, plan.long_tokens_out)):
-        for _ in range(plan.gen_reps):
+    for kind, prompt, n, reps in (("short", SHORT_PROMPT, plan.short_tokens, plan.short_reps),
+                                  ("long", body, plan.long_tokens_out, plan.long_reps)):
+        for _ in range(reps):
             g = srv.stream(f"[{nonce()}] {prompt}", n).gen()
             res.gens[srv.name][kind].append(asdict(g))
         log(f"{srv.name}: {kind} prompt done ({g.tokens} tokens out)")
@@ -605,18 +630,19 @@ def cancel_sample(srv: Server, phase: str, body: str, idle: float, long_ttft: fl
             s.wait_kind("token", 8)
         t0 = now()
         srv.cancel(s)
-        t_done = srv.probe_from(t0)
+        t_started, t_done = srv.probe_run()
         info["probe_total_s"] = t_done - t0
         s.finish(60)
+        t_ref = t0
         if a is not None:
             a.finish()
             end = a.first("end")
             if end is None or end.t < t0:
                 raise Skip("the running job was over before the cancel")
-            # what the cancelled, queued job still costs the next one
-            info["blackbox_s"] = t_done - end.t - idle
-        else:
-            info["blackbox_s"] = t_done - t0 - idle
+            t_ref = end.t  # queued: what the cancelled job still costs the next one
+        info["blackbox_s"] = t_done - t_ref - idle
+        if t_started is not None:
+            info["slot_s"] = t_started - t_ref
         if phase == "prompt" and (any(e.kind == "token" and e.t < t0 for e in s.events) or (
                 isinstance(srv, Orcd) and srv.tokens_out(s.job_id) > 0)):
             raise Skip("the prompt was evaluated before the cancel")
@@ -750,6 +776,7 @@ def build_summary(res: Results) -> dict[str, Any]:
             out["cancel"][name][phase] = {
                 "blackbox_s": summary([x["blackbox_s"] for x in valid]),
                 "event_s": summary([x["event_s"] for x in valid if "event_s" in x]),
+                "slot_s": summary([x["slot_s"] for x in valid if "slot_s" in x]),
                 "invalid_samples": len(xs) - len(valid)}
     for name, h in res.health.items():
         out["health"][name] = {"endpoint": h["endpoint"], "idle_s": summary(h["idle_s"]),
@@ -778,6 +805,8 @@ def report(summ: dict[str, Any], res: Results) -> list[dict[str, Any]]:
                      fmt(p.get("blackbox_s", {}), 1e3), "",
                      ratio(o.get("blackbox_s", {}), p.get("blackbox_s", {}))))
         rows.append((f"cancel {phase} ms (to CANCELLED)", "", fmt(o.get("event_s", {}), 1e3),
+                     "-", "", ""))
+        rows.append((f"cancel {phase} ms (probe started)", "", fmt(o.get("slot_s", {}), 1e3),
                      "-", "", ""))
     h = summ["health"]
     for key, label in (("idle_s", "idle"), ("busy_s", "while generating")):
@@ -843,15 +872,19 @@ def chart(summ: dict[str, Any], path: Path) -> None:
               ("llama_cpp.server (server free)", "peer", "blackbox_s", "#d62728")]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.26
+    floor = 0.1  # ms: a log axis cannot show 0 (or the small negative noise around it)
     for i, (label, name, key, color) in enumerate(series):
-        med, p99 = [], []
-        for ph in phases:
+        for j, ph in enumerate(phases):
             s = summ["cancel"].get(name, {}).get(ph, {}).get(key, {})
-            med.append(max(s["median"] * 1e3, 0.05) if s.get("median") is not None else 0)
-            p99.append(max(s["p99"] * 1e3, 0.05) if s.get("p99") is not None else 0)
-        xs = [j + (i - 1) * width for j in range(len(phases))]
-        ax.bar(xs, med, width, label=label, color=color)
-        ax.scatter(xs, p99, marker="_", s=300, color="black", zorder=3)
+            x = j + (i - 1) * width
+            if s.get("median") is None:
+                ax.text(x, floor * 1.2, "n/a", ha="center", fontsize=7)
+                continue
+            med, p99 = s["median"] * 1e3, s["p99"] * 1e3
+            ax.bar(x, max(med, floor), width, color=color, label=label if j == 0 else None)
+            ax.scatter([x], [max(p99, floor)], marker="_", s=300, color="black", zorder=3)
+            ax.text(x, max(med, floor) * 1.15, f"{med:.1f}" if med > floor else "~0",
+                    ha="center", fontsize=7)
     ax.axhline(10, color="green", linestyle="--", linewidth=1, label="goal: p99 < 10 ms")
     ax.set_yscale("log")
     ax.set_xticks(range(len(phases)))
@@ -891,6 +924,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     ap.add_argument("--only", choices=["raw", "orcd", "peer"], action="append",
                     help="measure only these systems (repeatable; default: all three)")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each system, wait up to S seconds for other processes to "
+                         "leave the CPU (default: don't wait, just warn)")
     args = ap.parse_args(argv)
     model = args.model.resolve()
     if not model.is_file():
@@ -903,13 +939,12 @@ def main(argv: list[str] | None = None) -> int:
         f"server logs in {logdir}")
     random.seed(1)
     load_start = os.getloadavg()
-    busy = idle_check()
-    if busy > 0.10:
-        log(f"WARNING: other processes keep {busy:.0%} of the CPU busy; results will be noisy")
+    busy: dict[str, float] = {}
     res = Results()
     t_start = now()
     errors: list[str] = []
     if "raw" in only:
+        busy["raw"] = wait_quiet(args.wait_quiet, "raw")
         body = bench_raw(model, plan, res)
     else:
         from llama_cpp import Llama
@@ -920,6 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         if cls.name not in only:
             continue
         try:
+            busy[cls.name] = wait_quiet(args.wait_quiet, cls.name)
             bench_server(cls(model, logdir), plan, body, res)
         except Exception as exc:  # noqa: BLE001 - report and go on with the other system
             msg = f"{cls.name}: {type(exc).__name__}: {exc}"
@@ -943,7 +979,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": round(now() - t_start, 1), "errors": errors, "log_dir": str(logdir),
         # other processes on the machine skew every figure; the load shows how much
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "busy_before_start": busy, "foreign_cpu": res.foreign_cpu,
+        "busy_before": busy, "foreign_cpu": res.foreign_cpu,
         "summary": summ, "goals": goals, "samples": asdict(res),
     }
     args.out.write_text(json.dumps(doc, indent=1))

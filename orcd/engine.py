@@ -173,8 +173,10 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"model {str(path)!r} is not a GGUF file (magic {magic!r})")
 
 
-# llama.cpp logs through one process-wide callback; orcd keeps it quiet (and never
-# redirects file descriptors, which would swallow other threads' log lines).
+# llama.cpp logs through one process-wide callback; orcd forwards warnings and errors to its
+# own log (and never redirects file descriptors, which would swallow other threads' lines).
+GGML_LOG_WARN = 3  # enum ggml_log_level in ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
+GGML_LOG_ERROR = 4
 _log_sink: list[Callable[[int, str], None]] = []
 
 
@@ -183,7 +185,7 @@ def _install_llama_log() -> None:
 
     @llama_cpp.llama_log_callback
     def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        if level == 3 and _log_sink:  # GGML_LOG_LEVEL_ERROR
+        if level in (GGML_LOG_WARN, GGML_LOG_ERROR) and _log_sink:
             _log_sink[0](level, text.decode("utf-8", "replace").strip())
 
     globals()["_llama_log_cb"] = _on_log  # keep the C callback alive

@@ -42,7 +42,7 @@ JOB_STATES = ("queued", "running", "completed", "cancelled", "failed")
 def json_response(body: dict[str, Any], status: int = 200) -> Response:
     import json
 
-    return Response(json.dumps(body, ensure_ascii=False), status=status,
+    return Response(json.dumps(body), status=status,
                     mimetype="application/json")
 
 
@@ -53,6 +53,9 @@ def error_response(err: OrcdError, correlation_id: str) -> Response:
     }}, err.http_status)
     if isinstance(err, Unavailable):
         response.headers["Retry-After"] = str(err.retry_after)
+    if isinstance(err, (PayloadTooLarge, UnsupportedMediaType)):
+        # The body was refused unread; the connection cannot carry another request.
+        response.headers["Connection"] = "close"
     return response
 
 
@@ -113,6 +116,7 @@ def create_app(worker: Worker) -> QuartTrio:
                                        inference_timeout_s=config.inference_timeout_s)
         job = await worker.registry.submit(req, g.correlation_id)
         stream = JobStream(job, config.keepalive_s, worker.on_stream_abandoned)
+        worker.streams.add(stream)
         response = Response(stream, status=200, mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"

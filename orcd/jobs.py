@@ -122,6 +122,32 @@ class Job:
 
 
 @attrs.frozen
+class JobRecord:
+    """What the history keeps of a finished job: its snapshot, nothing that holds resources."""
+
+    job_id: str
+    state: State
+    created_at: str
+    finished_mono: float
+    cancel_reason: CancelReason | None
+    data: dict[str, Any]
+
+    active = False
+
+    @classmethod
+    def of(cls, job: Job) -> JobRecord:
+        assert job.finished_mono is not None
+        return cls(job.job_id, job.state, job.created_at, job.finished_mono, job.cancel_reason,
+                   job.snapshot())
+
+    def request_cancel(self, reason: CancelReason) -> bool:
+        return False
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+@attrs.frozen
 class RegistryStats:
     slots: int
     running: int
@@ -146,7 +172,7 @@ class JobRegistry:
     engine: Engine | None = None
     draining: bool = False
     _nursery: trio.Nursery | None = None
-    _jobs: OrderedDict[str, Job] = attrs.field(factory=OrderedDict)
+    _jobs: OrderedDict[str, Job | JobRecord] = attrs.field(factory=OrderedDict)
     _waiting: list[Job] = attrs.field(factory=list)
     _free_slots: list[int] = attrs.field(factory=list)
     _cancelled_unknown: dict[str, float] = attrs.field(factory=dict)
@@ -179,8 +205,8 @@ class JobRegistry:
             job.request_cancel("shutdown")
         with trio.move_on_after(grace_s):
             await self.wait_idle()
-        for job in list(self._jobs.values()):
-            job.request_cancel("shutdown")
+        for entry in list(self._jobs.values()):
+            entry.request_cancel("shutdown")
         with trio.move_on_after(10):
             await self.wait_idle()
 
@@ -283,7 +309,7 @@ class JobRegistry:
                      job_id=job_id, correlation_id=correlation_id)
             return "unknown"
         state = job.state
-        if job.request_cancel("client_request"):
+        if isinstance(job, Job) and job.request_cancel("client_request"):
             logs.log("cancel", f"Cancelling job {job_id} ({state})", job_id=job_id,
                      correlation_id=correlation_id, job_correlation_id=job.correlation_id,
                      phase=job.phase)
@@ -294,11 +320,11 @@ class JobRegistry:
 
     # -- reading ---------------------------------------------------------------------
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str) -> Job | JobRecord | None:
         self._forget_expired()
         return self._jobs.get(job_id)
 
-    def jobs(self, state: str | None = None) -> list[Job]:
+    def jobs(self, state: str | None = None) -> list[Job | JobRecord]:
         self._forget_expired()
         everything = sorted(self._jobs.values(), key=lambda j: (not j.active, j.created_at))
         return [j for j in everything if state is None or j.state == state]
@@ -309,16 +335,7 @@ class JobRegistry:
                              if self.engine else 0, queued=len(self._waiting),
                              draining=self.draining)
 
-    def undelivered(self) -> int:
-        """Streams whose client is still connected but has not yet read every event."""
-        count = 0
-        for job in self._jobs.values():
-            stats = job.events.statistics()
-            if stats.open_receive_channels and (job.active or stats.current_buffer_used):
-                count += 1
-        return count
-
-    def __iter__(self) -> Iterator[Job]:
+    def __iter__(self) -> Iterator[Job | JobRecord]:
         return iter(list(self._jobs.values()))
 
     # -- the job task ----------------------------------------------------------------
@@ -444,9 +461,9 @@ class JobRegistry:
             human = f"Job {job.job_id} failed: {message}"
         job.state = state
         job.send.close()
-        # A remembered job keeps its numbers, not its prompt: history stays small.
-        job.prompt_tokens = []
-        job.request = attrs.evolve(job.request, prompt="")
+        # The history keeps a small record; the Job itself (its prompt, channel, events and
+        # scope) is freed once its stream has been read.
+        self._jobs[job.job_id] = JobRecord.of(job)
         self._trim_history()
         self.metrics.requests.labels(outcome=metric).inc()
         if job.started_mono:

@@ -33,6 +33,10 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             [_err("body", "json", f"malformed JSON: {exc.msg} at {exc.pos}")]) from None
+    except RecursionError:
+        raise InvalidRequest([_err("body", "json", "JSON nested too deeply")]) from None
+    except ValueError as exc:  # e.g. an integer longer than Python will parse
+        raise InvalidRequest([_err("body", "json", f"malformed JSON: {exc}")]) from None
     if not isinstance(value, dict):
         raise InvalidRequest(
             [_err("body", "type", f"body must be a JSON object, got {_kind(value)}")]
@@ -41,7 +45,20 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 
 
 def _err(field: str, constraint: str, message: str) -> dict[str, str]:
-    return {"field": field, "constraint": constraint, "message": message}
+    return {"field": _printable(field), "constraint": constraint, "message": message}
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything that is not valid Unicode (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _kind(value: object) -> str:
@@ -147,7 +164,7 @@ class ExecuteRequest:
     ) -> ExecuteRequest:
         check = _Checker(body)
         for name in sorted(set(body) - set(cls.FIELDS)):
-            check.errors.append(_err(name, "unknown", f"unknown field {name!r}"))
+            check.errors.append(_err(name, "unknown", f"unknown field {_printable(name)!r}"))
         problem = job_id_problem(body.get("job_id"))
         if problem is not None:
             check.errors.append(problem)
@@ -163,6 +180,9 @@ class ExecuteRequest:
                 "prompt", "length",
                 f"prompt must be 1..{MAX_PROMPT_CHARS} characters, got {len(prompt)}",
             ))
+        elif not _valid_unicode(prompt):
+            check.errors.append(_err("prompt", "unicode",
+                                     "prompt holds a lone surrogate, which is not valid Unicode"))
         max_tokens = check.integer("max_tokens", 1, max_tokens_out)
         temperature = check.number("temperature", 0.0, 2.0)
         top_p = check.number("top_p", 0.0, 1.0)
@@ -211,6 +231,10 @@ class ExecuteRequest:
                     f"stop[{i}]", "length",
                     f"stop[{i}] must be 1..{MAX_STOP_CHARS} characters, got {len(item)}",
                 ))
+            elif not _valid_unicode(item):
+                check.errors.append(_err(
+                    f"stop[{i}]", "unicode",
+                    f"stop[{i}] holds a lone surrogate, which is not valid Unicode"))
         return tuple(v for v in value if isinstance(v, str))
 
 
@@ -221,7 +245,7 @@ class CancelRequest:
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> CancelRequest:
         unknown = sorted(set(body) - {"job_id"})
-        errors = [_err(n, "unknown", f"unknown field {n!r}") for n in unknown]
+        errors = [_err(n, "unknown", f"unknown field {_printable(n)!r}") for n in unknown]
         problem = job_id_problem(body.get("job_id"))
         if problem is not None:
             errors.append(problem)

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -28,6 +29,7 @@ from .health import HealthState, Nvml
 from .http import create_app
 from .jobs import Job, JobRegistry
 from .metrics import Metrics
+from .sse import JobStream
 
 try:
     VERSION = version("orcd")
@@ -45,21 +47,22 @@ class FatalError(OrcdError):
 
 def llama_engine_factory(config: Config, on_progress: Callable[[float], None]) -> Engine:
     """Load the configured model (or the default one) with llama.cpp; runs in a thread."""
-    from .engine import LlamaEngine
+    from .engine import GGML_LOG_ERROR, LlamaEngine
     from .models import default_model
 
     path = config.model if config.model is not None else default_model()
 
-    def on_llama_error(_level: int, text: str) -> None:
-        # llama.cpp reports an aborted decode's cleanup at error level: a cancel doing its
-        # job, not a fault. Real failures reach the job as an error outcome anyway.
-        expected = "removing memory module entries" in text or "aborted" in text
-        logs.log("llama_log", f"llama.cpp: {text}",
-                 level=logging.DEBUG if expected else logging.WARNING)
+    def on_llama_log(level: int, text: str) -> None:
+        # An aborted decode's cleanup is a cancel doing its job: debug, not a warning.
+        if "removing memory module entries" in text:
+            py_level = logging.DEBUG
+        else:
+            py_level = logging.ERROR if level == GGML_LOG_ERROR else logging.WARNING
+        logs.log("llama_log", f"llama.cpp: {text}", level=py_level)
 
     return LlamaEngine(path, n_ctx=config.n_ctx, threads=config.threads, slots=config.slots,
                        gpu_device=config.gpu_device, on_progress=on_progress,
-                       on_llama_error=on_llama_error)
+                       on_llama_error=on_llama_log)
 
 
 @attrs.define(eq=False)
@@ -76,6 +79,12 @@ class Worker:
     shutdown_reason: str | None = None
     _shutdown: trio.Event = attrs.field(factory=trio.Event)
     _logged_pct: int = -1
+    # Every SSE stream handed to a client; weak, so a stream nobody holds is forgotten.
+    streams: weakref.WeakSet[JobStream] = attrs.field(factory=weakref.WeakSet)
+
+    def open_streams(self) -> int:
+        """Streams whose client has not yet read their terminal event (nor hung up)."""
+        return sum(1 for stream in list(self.streams) if not stream.done)
 
     @property
     def engine(self) -> Engine | None:
@@ -192,7 +201,7 @@ async def serve(
         await registry.drain(config.drain_timeout_s)
         # Every open stream has its terminal event queued now; let the clients read it.
         with trio.move_on_after(hcfg.graceful_timeout):
-            while registry.undelivered():  # noqa: ASYNC110 - a bounded poll of channel stats
+            while worker.open_streams():  # noqa: ASYNC110 - a bounded poll of stream states
                 await trio.sleep(0.01)
             await trio.sleep(0.05)  # the last frames leave the socket buffers
         stop_http.set()

@@ -32,6 +32,11 @@ class JobStream:
         self._on_abandon = on_abandon
         self._done = False
 
+    @property
+    def done(self) -> bool:
+        """True once the terminal event went out or the stream was closed."""
+        return self._done
+
     def __aiter__(self) -> JobStream:
         return self
 

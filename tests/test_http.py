@@ -180,3 +180,35 @@ async def test_finished_jobs_are_forgotten_beyond_the_history_limit(tiny_model: 
         ids = [j["job_id"] for j in (await h.client.get("/jobs")).json()["jobs"]]
         assert sorted(ids) == ["hist-2", "hist-3"]
         assert (await h.client.get("/jobs/hist-0")).status_code == 404
+
+
+async def test_hostile_json_is_400_never_500(tiny_model: Path) -> None:
+    """Bodies the chaos suite found: huge integers, deep nesting, lone surrogates."""
+    hostile = [
+        b'{"job_id": "h", "prompt": "hi", "seed": 1' + b"0" * 5000 + b"}",
+        b"[" * 100_000,
+        b'{"job_id": "h", "prompt": "hi", "stop": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        b'{"job_id": "h", "prompt": "a\\ud800b"}',
+        b'{"job_id": "h", "prompt": "hi", "stop": ["\\udfff"]}',
+        b'{"job_id": "h", "prompt": "hi", "\\udc80": 1}',
+    ]
+    async with running_worker(tiny_model) as h:
+        for raw in hostile:
+            for path in ("/execute", "/cancel"):
+                resp = await h.client.post(path, content=raw,
+                                           headers={"Content-Type": "application/json"})
+                assert_envelope(resp, 400, "INVALID_REQUEST")
+        assert (await h.client.get("/health")).status_code == 200
+
+
+async def test_refused_bodies_close_the_connection(tiny_model: Path) -> None:
+    """A 413 or 415 leaves the body unread, so the connection must not be reused."""
+    async with running_worker(tiny_model, max_body_bytes=4096) as h:
+        big = await h.client.post("/execute", content=b"x" * 200_000,
+                                  headers={"Content-Type": "application/json"})
+        assert big.status_code == 413 and big.headers["Connection"] == "close"
+        form = await h.client.post("/execute", content=b"a=1",
+                                   headers={"Content-Type": "multipart/form-data"})
+        assert form.status_code == 415 and form.headers["Connection"] == "close"
+        with trio.fail_after(5):  # the next request on the same client gets an answer
+            assert (await h.client.get("/health")).status_code == 200
