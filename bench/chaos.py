@@ -70,7 +70,12 @@ class Mode:
     clients: int
     slots: int = 2
     queue_depth: int = 2
-    warmup: int = 20
+    # The server remembers this many finished jobs (--job-history): enough for every per-job
+    # GET /jobs check, small enough that the bounded history (about 1.2 KB a job) stays far
+    # below the 5 % memory budget. The warm-up also brings the allocator to its working size
+    # (the per-thread arenas that llama.cpp's and trio's threads create on first use).
+    job_history: int = 256
+    warmup: int = 60
     default_max: float = 0.04  # share of jobs without max_tokens (the context's room)
 
 
@@ -366,7 +371,7 @@ class Server:
         """Start orcd and return the 'orcd listening on' URL (blocking)."""
         cmd = [sys.executable, "-m", "orcd", "serve", "--model", str(self.model), "--port", "0",
                "--slots", str(self.mode.slots), "--queue-depth", str(self.mode.queue_depth),
-               "--n-ctx", str(N_CTX)]
+               "--n-ctx", str(N_CTX), "--job-history", str(self.mode.job_history)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ORCD_")}
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -465,7 +470,8 @@ def sample_body(rng: random.Random, job_id: str, vocab: int, *, prompt_bytes: tu
 
 
 def make_plan(rng: random.Random, mode: Mode, n_jobs: int, vocab: int,
-              malformed: list[BadRequest], raws: list[RawAbuse]) -> list[Item]:
+              malformed: list[BadRequest], raws: list[RawAbuse],
+              prefix: str = "chaos") -> list[Item]:
     plan: list[Item] = []
     names, weights = zip(*ACTIONS, strict=True)
     jobs = 0
@@ -473,7 +479,7 @@ def make_plan(rng: random.Random, mode: Mode, n_jobs: int, vocab: int,
     def spec(action: str, **kw: Any) -> JobSpec:
         nonlocal jobs
         jobs += 1
-        job_id = f"chaos-{jobs:05d}-{action}"
+        job_id = f"{prefix}-{jobs:05d}-{action}"
         short = dict(prompt_bytes=(1, 120), max_tokens=(1, 48))
         long_out = dict(prompt_bytes=(1, 120), max_tokens=(200, 800))
         shape = {"cancel_prompt": dict(prompt_bytes=(500, 900), max_tokens=(1, 64)),
@@ -1074,6 +1080,22 @@ class Chaos:
 # -- the run -----------------------------------------------------------------------------
 
 
+async def run_plan(chaos: Chaos, mode: Mode, plan: list[Item], rss_trace: list[int],
+                   server: Server | None) -> None:
+    """Run ``plan`` with ``mode.clients`` concurrent clients, sampling RSS if ``server``."""
+    send, recv = trio.open_memory_channel[Item](len(plan))
+    for item in plan:
+        send.send_nowait(item)
+    send.close()
+    async with trio.open_nursery() as outer:
+        if server is not None:
+            outer.start_soon(sample_rss, server, rss_trace)
+        async with trio.open_nursery() as nursery:
+            for _ in range(mode.clients):
+                nursery.start_soon(client_loop, chaos, recv.clone())
+        outer.cancel_scope.cancel()
+
+
 async def wait_idle(client: httpx.AsyncClient, bound: float) -> dict[str, Any]:
     deadline = trio.current_time() + bound
     while True:
@@ -1215,30 +1237,21 @@ async def chaos_main(args: argparse.Namespace, mode: Mode, server: Server) -> di
                 await trio.sleep(0.05)
         chaos = Chaos(client, mode, rep)
         t0 = time.monotonic()
-        warm = [JobSpec(f"warm-{i:03d}", "complete", sample_body(
-            rng, f"warm-{i:03d}", vocab, prompt_bytes=(1, 600), max_tokens=(1, 64),
-            default_max=mode.default_max))
-            for i in range(mode.warmup)]
-        async with trio.open_nursery() as nursery:
-            for half in (warm[::2], warm[1::2]):
-                nursery.start_soon(run_all, chaos, list(half))
+        # Warm-up: a small plan of the same mix (its own seed), so that every path, and the
+        # allocator's per-thread arenas, have been used once before the RSS baseline.
+        warm_rng = random.Random(args.seed ^ 0x5EED)
+        warm_plan = make_plan(warm_rng, mode, mode.warmup, vocab,
+                              generate_malformed(12, args.seed + 1, vocab),
+                              raw_abuses(warm_rng, 3), prefix="warm")
+        await run_plan(chaos, mode, warm_plan, [], None)
         await wait_idle(client, 10)
         await trio.sleep(0.5)
         baseline_kb = await trio.to_thread.run_sync(server.rss_kb)
         n_bad = args.malformed if args.malformed is not None else max(20, args.jobs // 2)
         malformed = generate_malformed(n_bad, args.seed, vocab)
         plan = make_plan(rng, mode, args.jobs, vocab, malformed, raw_abuses(rng, n_bad // 8 + 2))
-        send, recv = trio.open_memory_channel[Item](len(plan))
-        for item in plan:
-            send.send_nowait(item)
-        send.close()
         rss_trace: list[int] = []
-        async with trio.open_nursery() as outer:
-            outer.start_soon(sample_rss, server, rss_trace)
-            async with trio.open_nursery() as nursery:
-                for _ in range(mode.clients):
-                    nursery.start_soon(client_loop, chaos, recv.clone())
-            outer.cancel_scope.cancel()
+        await run_plan(chaos, mode, plan, rss_trace, server)
         elapsed = time.monotonic() - t0
         final = await final_checks(chaos, server, baseline_kb)
         final["exit_code"] = await shutdown_under_load(chaos, server)

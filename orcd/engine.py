@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import logging
 import os
 import threading
 import time
@@ -177,7 +178,15 @@ def check_gguf(path: Path) -> None:
 # own log (and never redirects file descriptors, which would swallow other threads' lines).
 GGML_LOG_WARN = 3  # enum ggml_log_level in ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
 GGML_LOG_ERROR = 4
-_log_sink: list[Callable[[int, str], None]] = []
+# What llama.cpp logs when the abort callback stops a decode (GGML_STATUS_ABORTED is 1,
+# llama_decode returns 2): expected on every cancel, so not a warning or an error.
+_ABORT_MARKERS = (
+    "failed with error 1",
+    "compute status: 1",
+    "failed to decode, ret = 2",
+    "removing memory module entries",
+)
+_log_sink: list[Callable[[int, str], None]] = []  # (logging level, message)
 
 
 def _install_llama_log() -> None:
@@ -186,7 +195,14 @@ def _install_llama_log() -> None:
     @llama_cpp.llama_log_callback
     def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         if level in (GGML_LOG_WARN, GGML_LOG_ERROR) and _log_sink:
-            _log_sink[0](level, text.decode("utf-8", "replace").strip())
+            message = text.decode("utf-8", "replace").strip()
+            if any(marker in message for marker in _ABORT_MARKERS):
+                py_level = logging.DEBUG  # an aborted decode: a cancel doing its job
+            elif level == GGML_LOG_ERROR:
+                py_level = logging.ERROR
+            else:
+                py_level = logging.WARNING
+            _log_sink[0](py_level, message)
 
     globals()["_llama_log_cb"] = _on_log  # keep the C callback alive
     llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
@@ -292,14 +308,14 @@ class LlamaEngine:
         slots: int = 1,
         gpu_device: int | None = None,
         on_progress: Callable[[float], None] | None = None,
-        on_llama_error: Callable[[int, str], None] | None = None,
+        on_llama_log: Callable[[int, str], None] | None = None,
     ) -> None:
         check_gguf(path)
         import llama_cpp
         from llama_cpp import _internals
 
         _install_llama_log()
-        _log_sink[:] = [on_llama_error] if on_llama_error else []
+        _log_sink[:] = [on_llama_log] if on_llama_log else []
         threads = threads or os.cpu_count() or 1
         mparams = llama_cpp.llama_model_default_params()
         if gpu_device is None:

@@ -47,22 +47,17 @@ class FatalError(OrcdError):
 
 def llama_engine_factory(config: Config, on_progress: Callable[[float], None]) -> Engine:
     """Load the configured model (or the default one) with llama.cpp; runs in a thread."""
-    from .engine import GGML_LOG_ERROR, LlamaEngine
+    from .engine import LlamaEngine
     from .models import default_model
 
     path = config.model if config.model is not None else default_model()
 
     def on_llama_log(level: int, text: str) -> None:
-        # An aborted decode's cleanup is a cancel doing its job: debug, not a warning.
-        if "removing memory module entries" in text:
-            py_level = logging.DEBUG
-        else:
-            py_level = logging.ERROR if level == GGML_LOG_ERROR else logging.WARNING
-        logs.log("llama_log", f"llama.cpp: {text}", level=py_level)
+        logs.log("llama_log", f"llama.cpp: {text}", level=level)
 
     return LlamaEngine(path, n_ctx=config.n_ctx, threads=config.threads, slots=config.slots,
                        gpu_device=config.gpu_device, on_progress=on_progress,
-                       on_llama_error=on_llama_log)
+                       on_llama_log=on_llama_log)
 
 
 @attrs.define(eq=False)
