@@ -48,6 +48,9 @@ THREADS = os.cpu_count() or 1
 SHORT_PROMPT = "Write a long, detailed story about a lighthouse keeper and a lost whale."
 SENTENCE = "The old lighthouse keeper watched the grey sea roll against the rocks every evening. "
 LONG_TOKENS = 1600
+# llama.cpp's own default (auto) turns flash attention on for CPU, and orcd keeps that default;
+# llama_cpp.Llama and llama_cpp.server turn it off unless asked. Same kernels for all three.
+FLASH_ATTN = True
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 now = time.perf_counter
 
@@ -168,7 +171,8 @@ class RawEngine:
 
         self.lc = llama_cpp
         self.llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=THREADS,
-                                   n_threads_batch=THREADS, verbose=False)
+                                   n_threads_batch=THREADS, flash_attn=FLASH_ATTN,
+                                   verbose=False)
         self.ctx = self.llm._ctx.ctx
         self.vocab = self.llm._model.vocab
 
@@ -478,6 +482,17 @@ class Orcd(Server):
     def probe_ok(self, text: str) -> bool:
         return "event: end" in text
 
+    def cancel_metrics(self) -> dict[str, float]:
+        """Mean of orcd's own orcd_cancel_latency_seconds{phase} (flag set -> stopped), ms."""
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        for line in self.client.get(self.base + "/metrics").text.splitlines():
+            for suffix, into in (("_sum{", sums), ("_count{", counts)):
+                if line.startswith("orcd_cancel_latency_seconds" + suffix):
+                    phase = line.split('phase="', 1)[1].split('"', 1)[0]
+                    into[phase] = float(line.rsplit(" ", 1)[1])
+        return {ph: round(sums[ph] / n * 1e3, 3) for ph, n in counts.items() if n}
+
     def tokens_out(self, job_id: str) -> int:
         return int(self.client.get(f"{self.base}/jobs/{job_id}").json().get("tokens_out", -1))
 
@@ -499,6 +514,7 @@ class Peer(Server):
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model),
                 "--n_ctx", str(N_CTX), "--host", "127.0.0.1", "--port", str(self.port),
                 "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS),
+                "--flash_attn", str(FLASH_ATTN).lower(),
                 # FIFO like orcd: by default a new request (even GET /v1/models) makes the
                 # running stream stop early, which would hide the queued phase entirely.
                 "--interrupt_requests", "false"]
@@ -543,6 +559,8 @@ class Results:
     health: dict[str, dict[str, Any]] = field(default_factory=dict)
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)
     foreign_cpu: dict[str, float] = field(default_factory=dict)
+    server_cancel_ms: dict[str, float] = field(default_factory=dict)  # orcd's own metric
+    raw_halves: dict[str, list[list[float]]] = field(default_factory=dict)  # raw tok/s per half
 
 
 def long_prompt(tokenize: Callable[[str], list[int]]) -> str:
@@ -557,22 +575,27 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def bench_raw(model: Path, plan: Plan, res: Results) -> str:
-    log("raw: loading the model in-process")
+def bench_raw(model: Path, plan: Plan, res: Results, half: int) -> str:
+    """Half ``half`` (0 or 1) of raw's repetitions: raw runs before and after the servers,
+    so that a drift of the machine's speed during the run shows (``raw_drift``)."""
+    log(f"raw: loading the model in-process ({'first' if half == 0 else 'second'} half)")
     watch = CpuWatch()
     raw = RawEngine(model)
     body = long_prompt(raw.tokenize)
     try:
         raw.generate(f"[{nonce()}] {SHORT_PROMPT}", 8)  # warm-up
-        res.gens["raw"] = {"short": [], "long": []}
         for kind, prompt, n, reps in (("short", SHORT_PROMPT, plan.short_tokens, plan.short_reps),
                                       ("long", body, plan.long_tokens_out, plan.long_reps)):
-            for _ in range(reps):
-                g = raw.generate(f"[{nonce()}] {prompt}", n)
-                res.gens["raw"][kind].append(asdict(g))
-            log(f"raw: {kind} prompt done ({g.prompt_tokens} prompt tokens, {g.tokens} out)")
+            first = (reps + 1) // 2
+            gens = [asdict(raw.generate(f"[{nonce()}] {prompt}", n))
+                    for _ in range(first if half == 0 else reps - first)]
+            res.gens.setdefault("raw", {}).setdefault(kind, []).extend(gens)
+            res.raw_halves.setdefault(kind, []).append([g["decode_tps"] for g in gens])
+            if gens:
+                log(f"raw: {kind} prompt done ({gens[-1]['prompt_tokens']} prompt tokens, "
+                    f"{gens[-1]['tokens']} out)")
     finally:
-        res.foreign_cpu["raw"] = watch.foreign()
+        res.foreign_cpu[f"raw{half + 1}"] = watch.foreign()
         raw.close()
         del raw
         gc.collect()
@@ -738,6 +761,8 @@ def bench_server(srv: Server, plan: Plan, body: str, res: Results) -> None:
         measure_gens(srv, plan, body, res)
         measure_health(srv, plan, res)
         measure_cancel(srv, plan, body, res)
+        if isinstance(srv, Orcd):
+            res.server_cancel_ms = srv.cancel_metrics()
         measure_memory(srv, plan, res)
         res.foreign_cpu[srv.name] = watch.foreign()
     finally:
@@ -831,6 +856,14 @@ def report(summ: dict[str, Any], res: Results) -> list[dict[str, Any]]:
     if res.foreign_cpu:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in res.foreign_cpu.items())
         print(f"CPU taken by other processes while measuring: {shares}")
+    for kind, halves in res.raw_halves.items():
+        if len(halves) == 2 and all(halves):
+            h1, h2 = (quantile(h, 0.5) for h in halves)
+            print(f"raw {kind} tok/s before the servers {h1:.1f}, after {h2:.1f} "
+                  f"(machine drift {h2 / h1 - 1:+.1%})")
+    if res.server_cancel_ms:
+        print("orcd's own cancel latency metric (flag set -> generation stopped), mean ms: "
+              + ", ".join(f"{k} {v}" for k, v in res.server_cancel_ms.items()))
         if max(res.foreign_cpu.values()) > 0.10:
             print("WARNING: the machine was not quiet; llama.cpp's threads degrade badly when "
                   "they share cores, so these figures are unreliable")
@@ -945,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     if "raw" in only:
         busy["raw"] = wait_quiet(args.wait_quiet, "raw")
-        body = bench_raw(model, plan, res)
+        body = bench_raw(model, plan, res, 0)
     else:
         from llama_cpp import Llama
 
@@ -961,6 +994,9 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{cls.name}: {type(exc).__name__}: {exc}"
             errors.append(msg)
             log(f"ERROR {msg} (logs in {logdir})")
+    if "raw" in only:
+        busy["raw2"] = wait_quiet(args.wait_quiet, "raw")
+        bench_raw(model, plan, res, 1)
     summ = build_summary(res)
     goals = report(summ, res)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -975,6 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "model": {"path": str(model), "size_bytes": model.stat().st_size},
         "settings": {"n_ctx": N_CTX, "threads": THREADS, "temperature": 0.0,
+                     "flash_attn": FLASH_ATTN, "peer_interrupt_requests": False,
                      "long_prompt_target_tokens": LONG_TOKENS, "short_prompt": SHORT_PROMPT},
         "duration_s": round(now() - t_start, 1), "errors": errors, "log_dir": str(logdir),
         # other processes on the machine skew every figure; the load shows how much

@@ -26,7 +26,8 @@ from .errors import ModelLoadError
 
 Phase = Literal["queued", "prompt", "decode"]
 GGUF_MAGIC = b"GGUF"
-PROMPT_CHUNK = 256  # tokens per llama_decode call while evaluating a prompt
+PROMPT_CHUNK = 128  # tokens per llama_decode call: 128 halves the abort granularity of 256
+# at no measurable cost in prompt speed (64 costs 20 %)
 DECODE_ABORTED = 2  # llama_decode's return code when the abort callback said stop
 
 # general.file_type -> name (llama.cpp's enum llama_ftype)
@@ -284,7 +285,12 @@ class _Slot:
         return int(llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch))
 
     def clear(self) -> None:
-        self.ctx.kv_cache_clear()
+        """Forget every cached token. Only the cache's bookkeeping is reset (data=False):
+        zeroing the buffer itself would cost ~8 ms per job end for a 270M model, and the next
+        job overwrites whatever it uses."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(self.ctx.memory, False)
 
     def cached_tokens(self) -> int:
         import llama_cpp
