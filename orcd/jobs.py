@@ -15,7 +15,6 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import attrs
@@ -334,9 +333,6 @@ class JobRegistry:
         return RegistryStats(slots=slots, running=slots - len(self._free_slots)
                              if self.engine else 0, queued=len(self._waiting),
                              draining=self.draining)
-
-    def __iter__(self) -> Iterator[Job | JobRecord]:
-        return iter(list(self._jobs.values()))
 
     # -- the job task ----------------------------------------------------------------
 

@@ -278,19 +278,27 @@ async def test_metrics_expose_the_contract_and_count_finished_jobs(tiny_model: P
     assert delta("worker_inference_duration_seconds_sum") > 0
 
 
+async def hold_one_queue_one(h: Harness, nursery: trio.Nursery,
+                             running: list[Event], running_body: dict[str, Any],
+                             queued: list[Event], queued_body: dict[str, Any]) -> Gate:
+    """Start a job held at its third token and a second one queued behind it (slots=1)."""
+    gate = h.engine.at_token[3] = Gate()
+    nursery.start_soon(run_stream, h, running, running_body)
+    await gate.wait_reached()
+    nursery.start_soon(run_stream, h, queued, queued_body)
+    await wait_until(lambda: queued)
+    return gate
+
+
 async def test_metrics_follow_cancels_the_queue_and_rejections(tiny_model: Path) -> None:
     async with running_worker(tiny_model, threads=1, slots=1) as h:
         before, _ = await scrape(h.client)
-        gate = h.engine.at_token[3] = Gate()
         running: list[Event] = []
         queued: list[Event] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_stream, h, running,
-                               {"job_id": "m-run", "prompt": "abc", "max_tokens": 50})
-            await gate.wait_reached()
-            nursery.start_soon(run_stream, h, queued,
-                               {"job_id": "m-queued", "prompt": "abc", "max_tokens": 5})
-            await wait_until(lambda: queued)
+            gate = await hold_one_queue_one(
+                h, nursery, running, {"job_id": "m-run", "prompt": "abc", "max_tokens": 50},
+                queued, {"job_id": "m-queued", "prompt": "abc", "max_tokens": 5})
             assert queued[0].name == "queued"
 
             held, _ = await scrape(h.client)
@@ -430,16 +438,12 @@ def test_text_log_format_is_readable_and_not_json() -> None:
 async def test_shutdown_drains_queue_refuses_work_and_lets_running_job_finish(
         tiny_model: Path, log_capture: LogCapture) -> None:
     async with serving(tiny_model, slots=1, drain_timeout_s=10) as (h, stopped):
-        gate = h.engine.at_token[3] = Gate()
         running: list[Event] = []
         queued: list[Event] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_stream, h, running,
-                               {"job_id": "d-run", "prompt": "drain", "max_tokens": 20})
-            await gate.wait_reached()
-            nursery.start_soon(run_stream, h, queued,
-                               {"job_id": "d-queued", "prompt": "wait", "max_tokens": 5})
-            await wait_until(lambda: queued)
+            gate = await hold_one_queue_one(
+                h, nursery, running, {"job_id": "d-run", "prompt": "drain", "max_tokens": 20},
+                queued, {"job_id": "d-queued", "prompt": "wait", "max_tokens": 5})
 
             resp = await h.client.post("/shutdown")
             assert resp.status_code == 202
