@@ -51,7 +51,6 @@ class StreamEvent:
 @attrs.define(eq=False)
 class Job:
     job_id: str
-    request: ExecuteRequest
     correlation_id: str
     prompt_tokens: list[int]
     params: SamplingParams
@@ -128,7 +127,6 @@ class JobRecord:
     state: State
     created_at: str
     finished_mono: float
-    cancel_reason: CancelReason | None
     data: dict[str, Any]
 
     active = False
@@ -136,8 +134,12 @@ class JobRecord:
     @classmethod
     def of(cls, job: Job) -> JobRecord:
         assert job.finished_mono is not None
-        return cls(job.job_id, job.state, job.created_at, job.finished_mono, job.cancel_reason,
-                   job.snapshot())
+        return cls(job.job_id, job.state, job.created_at, job.finished_mono, job.snapshot())
+
+    @property
+    def cancel_reason(self) -> CancelReason | None:
+        reason: CancelReason | None = self.data["cancel_reason"]
+        return reason
 
     def request_cancel(self, reason: CancelReason) -> bool:
         return False
@@ -243,7 +245,7 @@ class JobRegistry:
             params.max_tokens + self.config.queue_depth + 8
         )
         job = Job(
-            job_id=req.job_id, request=req, correlation_id=correlation_id, prompt_tokens=tokens,
+            job_id=req.job_id, correlation_id=correlation_id, prompt_tokens=tokens,
             params=params, deadline=trio.current_time() + timeout_s, created_at=logs.utc_now(),
             send=send, events=recv,
         )
