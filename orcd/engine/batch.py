@@ -22,13 +22,21 @@ cells, so every job always has room for its full ``n_ctx``.
 
 Choosing ``step_tokens`` (bench/step_budget.py measures it): a step's time grows with its
 prompt tokens, and on a CPU the abort callback cuts a step short within one graph node, so
-the budget only trades prompt throughput against how long decoding sequences wait while a
-long prompt is evaluated (each waits one step per chunk). The default, 128, is where
-Gemma 3 270M's prompt speed on this 2-core machine stops improving. On a GPU (CUDA) the
-abort callback is not polled inside the device's graph, so a step cannot be cut short and
-the budget bounds cancel latency too: pick the largest budget whose step time stays under
-the latency target, ``step_tokens ~ target_seconds * prompt_tokens_per_second`` measured on
-that device, minus the decoding slots.
+there the budget trades prompt throughput against how long decoding sequences wait while a
+long prompt is evaluated (one step per chunk), not cancel latency. Measured with Gemma 3
+270M Q4_K_M on the shared 2-core development machine (three sequences decoding, a
+481-token prompt joining; two runs under heavy load from other processes, so noisy):
+budgets 32/64/128/256/512 gave 38-147 / 66-72 / 89-164 / 60-95 / 71 prompt tokens/s and
+worst steps of 0.3-1.6 / 1.2-1.6 / 0.8-1.5 / 2.5-5.0 / 6.6 s. 128 had the best prompt
+throughput in both runs and a worst step no longer than smaller budgets', so it is the
+default (the single-sequence engine's chunk, 128, was chosen the same way). Cancelling the
+sequence that dominates a step took 0.8-9.6 ms median (the aborted step) at every budget.
+
+On a GPU (CUDA) a step cannot be cut short: llama.cpp hands the abort callback only to
+backends that take one (CPU, Metal), and CUDA's does not and the budget bounds cancel latency: take the largest budget
+whose worst step stays under the latency target, ``step_tokens ~ target_seconds *
+prompt_tokens_per_second - slots`` with the throughput measured on that device (run
+bench/step_budget.py there).
 """
 
 from __future__ import annotations
@@ -212,6 +220,8 @@ class BatchEngine:
         self._steps_aborted = 0
         self._totals = [0, 0, 0]  # prompt evaluated, prompt cached, tokens generated
         self._kv_used = 0
+        self._cache_tokens = 0
+        self._cache_entries = 0
         self._running: tuple[SlotStats, ...] = ()
         self._warm_up(model)
         if on_progress is not None and on_progress(1.0) is False:
@@ -266,8 +276,8 @@ class BatchEngine:
                 slots=self._slots,
                 kv_tokens_used=self._kv_used,
                 kv_tokens_total=self.kv_size,
-                prefix_cache_tokens=self._cache.tokens,
-                prefix_cache_entries=len(self._cache.entries),
+                prefix_cache_tokens=self._cache_tokens,
+                prefix_cache_entries=self._cache_entries,
                 running=self._running,
                 waiting=len(self._pending),
                 steps=self._steps,
@@ -449,12 +459,13 @@ class BatchEngine:
                 sink.token(tail, seq.tokens_out)
             self._finish(seq, "completed", stop_reason="eos")
             return
+        if seq.req.flag.is_set():  # never a token after the cancel
+            self._finish(seq, "cancelled")
+            return
         seq.tokens_out += 1
         self._totals[2] += 1
         piece = text.feed(self._token_bytes(token))
-        if seq.req.flag.is_set():  # never a token after the cancel
-            self._finish(seq, "cancelled")
-        elif text.stopped_by is not None:
+        if text.stopped_by is not None:
             sink.token(piece, seq.tokens_out)
             self._finish(seq, "completed", stop_reason="stop_sequence",
                          stop_sequence=text.stopped_by)
@@ -493,9 +504,11 @@ class BatchEngine:
         owners = [s.owner for s in self._live] + [e.owner for e in self._cache.entries]
         kv_used = sum(self._kv.held(owner) for owner in owners)
         running = self._slot_stats(None)
+        cache_tokens, cache_entries = self._cache.tokens, len(self._cache.entries)
         with self._lock:
             self._kv_used = kv_used
             self._running = running
+            self._cache_tokens, self._cache_entries = cache_tokens, cache_entries
 
     def _slot_stats(self, step: _Step | None) -> tuple[SlotStats, ...]:
         in_step = {id(s): n for s, n in step.members} if step is not None else {}

@@ -91,7 +91,9 @@ class EngineStats:
     """A snapshot of the batch engine, taken by the engine thread after each step."""
 
     slots: int
-    kv_tokens_used: int  # KV positions held by live sequences and cache entries (llama.cpp)
+    # KV positions held by running sequences and cache entries, as llama.cpp reports them
+    # per holder (a prefix a slot copied from the cache shares the entry's cells)
+    kv_tokens_used: int
     kv_tokens_total: int  # the context's KV size
     prefix_cache_tokens: int  # positions held by prefix cache entries
     prefix_cache_entries: int
