@@ -33,10 +33,10 @@ default (the single-sequence engine's chunk, 128, was chosen the same way). Canc
 sequence that dominates a step took 0.8-9.6 ms median (the aborted step) at every budget.
 
 On a GPU (CUDA) a step cannot be cut short: llama.cpp hands the abort callback only to
-backends that take one (CPU, Metal), and CUDA's does not and the budget bounds cancel latency: take the largest budget
-whose worst step stays under the latency target, ``step_tokens ~ target_seconds *
-prompt_tokens_per_second - slots`` with the throughput measured on that device (run
-bench/step_budget.py there).
+backends that take one (CPU, Metal), and CUDA's does not. There the budget bounds cancel
+latency: take the largest budget whose worst step stays under the latency target,
+``step_tokens ~ target_seconds * prompt_tokens_per_second - slots``, with the throughput
+measured on that device (run bench/step_budget.py there).
 """
 
 from __future__ import annotations
