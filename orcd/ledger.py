@@ -6,10 +6,10 @@ One row per (principal, job_id) holds what ``GET /jobs/{id}`` shows of the job, 
 
 Writes: :meth:`Ledger.record` only puts the snapshot on a bounded queue (``put_nowait``; a full
 queue counts a drop and marks the ledger degraded, it never blocks). One writer thread owns the
-write connection and commits in batches (up to ``batch_max`` rows or ``batch_window_s``); several
-records of one job inside a batch become one upsert. A failed write (disk full, read-only file,
-corruption) is logged once, shown in :meth:`Ledger.health`, kept in memory and retried with a
-backoff; the caller never sees an exception after :meth:`Ledger.open`.
+write connection; woken by a record, it lets ``batch_window_s`` (50 ms) of records gather, then
+commits them in one transaction, several records of one job as one upsert. A failed write (disk
+full, read-only file, corruption) is logged once, shown in :meth:`Ledger.health`, kept in memory
+and retried with a backoff; the caller never sees an exception after :meth:`Ledger.open`.
 
 Reads: :meth:`Ledger.get` and :meth:`Ledger.list` are plain blocking methods for a worker thread
 (``trio.to_thread.run_sync``), on their own read-only connections (WAL mode lets them run beside
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -42,7 +43,6 @@ from .errors import ConfigError
 from .logs import log, utc_now
 
 SCHEMA_VERSION = 1
-ACTIVE_STATES = ("queued", "running")
 
 # The record columns, in table order; the first 14 are the fields of GET /jobs/{id}.
 COLUMNS: tuple[str, ...] = (
@@ -78,11 +78,18 @@ CREATE INDEX IF NOT EXISTS jobs_by_update ON jobs (updated_at);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 """
 
-_UPSERT = (
-    f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-    "ON CONFLICT (principal, job_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c not in ("principal", "job_id"))
-)
+# Rows per INSERT: 50 x 18 columns stays under SQLite's oldest limit of 999 parameters.
+_ROWS_PER_STATEMENT = 50
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
+def _upsert(rows: int) -> str:
+    """An upsert of ``rows`` records in one statement: a later state replaces the row."""
+    values = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+    updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c not in ("principal", "job_id"))
+    return (f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES {', '.join([values] * rows)} "
+            f"ON CONFLICT (principal, job_id) DO UPDATE SET {updates}")
+
 
 _Key = tuple[str, str]
 _Row = tuple[Any, ...]
@@ -148,13 +155,14 @@ class Ledger:
     path: Path
     retention_s: float
     recovery: Recovery
-    batch_max: int = 100
     batch_window_s: float = 0.05
     max_pending: int = 10_000
+    prune_every_s: float = 60.0
     writer_pragmas: Mapping[str, int | str] = attrs.field(factory=dict)
     _queue: queue.Queue[Any] = attrs.field(init=False)
     _thread: threading.Thread = attrs.field(init=False)
     _stopping: threading.Event = attrs.field(init=False, factory=threading.Event)
+    _hurry: threading.Event = attrs.field(init=False, factory=threading.Event)  # write now
     _lock_file: IO[str] | None = None
     _readers: queue.SimpleQueue[sqlite3.Connection] = attrs.field(
         init=False, factory=queue.SimpleQueue)
@@ -181,8 +189,8 @@ class Ledger:
         delete records older than ``retention_s`` and start the writer.
 
         Raises :class:`ConfigError` if the file cannot be opened, is not an orcd ledger, or
-        another live process holds it. ``options``: ``batch_max``, ``batch_window_s``,
-        ``max_pending``, ``writer_pragmas`` (extra PRAGMAs for the write connection, e.g.
+        another live process holds it. ``options``: ``batch_window_s``, ``max_pending``,
+        ``prune_every_s``, ``writer_pragmas`` (extra PRAGMAs for the write connection, e.g.
         ``{"max_page_count": N}`` to cap the file's size).
         """
         path = Path(path)
@@ -232,6 +240,7 @@ class Ledger:
             self._queue.put(marker, timeout=timeout)
         except queue.Full:
             return False
+        self._hurry.set()
         return marker.done.wait(timeout) and marker.ok
 
     def get(self, principal: str, job_id: str) -> dict[str, Any] | None:
@@ -265,6 +274,7 @@ class Ledger:
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, stop the writer (waiting up to ``timeout``), release the file."""
         self._stopping.set()
+        self._hurry.set()
         try:
             self._queue.put_nowait(_WAKE)
         except queue.Full:
@@ -320,55 +330,50 @@ class Ledger:
 
     def _loop(self) -> None:
         conn: sqlite3.Connection | None = None
-        pending: dict[_Key, _Row] = {}
-        flushes: builtins.list[_Flush] = []
-        due: float | None = None  # when to write what is pending (a batch window or a retry)
+        pending: dict[_Key, _Row] = {}  # the last record of each job not yet written
+        retry_at: float | None = None  # while writes fail
         backoff = 0.5
         while True:
-            timeout = None if due is None else max(0.0, due - time.monotonic())
+            timeout = None if retry_at is None else max(0.0, retry_at - time.monotonic())
             try:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = None
-            write_now = self._stopping.is_set()
-            while item is not None:  # take what is queued, up to one batch
+            if isinstance(item, tuple) and retry_at is None and not self._stopping.is_set():
+                # The first record of a batch: let the window's records gather without waking
+                # this thread for each of them (flush() and close() cut the wait short).
+                self._hurry.wait(self.batch_window_s)
+            self._hurry.clear()
+            stopping = self._stopping.is_set()  # before draining: nothing recorded is left
+            flushes: builtins.list[_Flush] = []
+            while item is not None:
                 if isinstance(item, _Flush):
                     flushes.append(item)
-                    write_now = True
-                elif item is not _WAKE:
+                elif isinstance(item, tuple):
                     self._add(pending, *item)
-                if len(pending) >= self.batch_max and self._error is None:
-                    write_now = True
-                if write_now and not self._stopping.is_set():
-                    break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     item = None
             self._pending = len(pending)
             self._note_drops()
-            if pending and due is None:
-                due = time.monotonic() + self.batch_window_s
-            if pending and (write_now or (due is not None and time.monotonic() >= due)):
+            if pending and (retry_at is None or flushes or stopping
+                            or time.monotonic() >= retry_at):
                 conn = self._write(conn, pending)
                 if self._error is None:
                     pending.clear()
-                    due, backoff = None, 0.5
+                    retry_at, backoff = None, 0.5
                 else:
-                    due = time.monotonic() + backoff
+                    retry_at = time.monotonic() + backoff
                     backoff = min(backoff * 2, 30.0)
                 self._pending = len(pending)
-            elif not pending:
-                due = None
             if conn is not None and self._error is None:
                 self._prune(conn)
             for marker in flushes:
                 marker.ok = not pending
                 marker.done.set()
-            flushes.clear()
-            if self._stopping.is_set() and self._queue.empty():
+            if stopping:
                 break
-        self._note_drops()
         if pending:
             log("ledger_error", f"Ledger closed with {len(pending)} records unwritten "
                 f"({self._error})", level=logging.WARNING, path=str(self.path))
@@ -406,25 +411,35 @@ class Ledger:
 
     def _write(self, conn: sqlite3.Connection | None,
                pending: dict[_Key, _Row]) -> sqlite3.Connection | None:
-        """One transaction for every pending row; on failure keep them and the connection
-        is dropped, to be opened afresh on the retry."""
+        """One transaction for every pending row; on failure keep them, and drop the
+        connection to open a fresh one on the retry.
+
+        Rows go in multi-row statements: sqlite3 releases the GIL for every statement step,
+        so one step for many rows keeps the writer from contending with the event loop.
+        """
+        rows = builtins.list(pending.values())
         try:
             if conn is None:
                 conn = _connect_writer(self.path, self.writer_pragmas)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(_UPSERT, pending.values())
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            if len(rows) <= _ROWS_PER_STATEMENT:  # one statement: atomic by itself
+                conn.execute(_upsert(len(rows)), [v for row in rows for v in row])
+            else:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+                        chunk = rows[i:i + _ROWS_PER_STATEMENT]
+                        conn.execute(_upsert(len(chunk)), [v for row in chunk for v in row])
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
         except sqlite3.Error as exc:
             self._fail(f"write failed: {exc}")
             if conn is not None:
                 conn.close()
             return None
-        self._written += len(pending)
+        self._written += len(rows)
         self._commits += 1
         if self._error is not None:
             log("ledger_recovered", f"Ledger {self.path} writes again after: {self._error}",
@@ -433,9 +448,9 @@ class Ledger:
         return conn
 
     def _prune(self, conn: sqlite3.Connection) -> None:
-        """Delete finished records older than the retention, at most once a minute."""
+        """Delete finished records older than the retention, at most every ``prune_every_s``."""
         now = time.monotonic()
-        if now - self._last_prune < 60.0:
+        if now - self._last_prune < self.prune_every_s:
             return
         self._last_prune = now
         try:
