@@ -203,7 +203,7 @@ def test_cli_token_add_prints_the_token_once_on_stdout(
     token = out.strip()
     assert out == token + "\n"
     assert token not in err and "admin 'ops'" in err and "shown only once" in err
-    assert token not in log_capture.stream.getvalue()
+    assert token not in str(log_capture.lines())
     assert AuthFile.load(path).authenticate(f"Bearer {token}") == Principal("ops", "admin")
 
     assert main(["token", "add", "ops", "--auth-file", str(path)]) == 1
