@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from .api.schema import CancelRequest, ExecuteRequest
 from .config import Config
 from .engine import CancelFlag, LlamaEngine, ModelInfo, Outcome, SamplingParams
 from .errors import OrcdError
-from .jobs import Job, JobRegistry, StreamEvent
-from .schema import CancelRequest, ExecuteRequest
+from .jobs import Job, JobRegistry
+from .outbox import StreamEvent
 from .server import FatalError, Worker, serve
 
 __all__ = [

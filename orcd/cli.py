@@ -9,8 +9,12 @@ from collections.abc import Callable, Sequence
 import trio
 
 from . import logs
+from .auth import run_token_command
+from .client.cli import COMMANDS as CLIENT_COMMANDS
+from .client.cli import run_command
 from .config import Config, config_from, parse_argv
 from .errors import OrcdError
+from .fleet.cli import main as fleet_main
 
 
 class _ProgressBar:
@@ -33,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         command, args = parse_argv(argv, os.environ)
+        if command in CLIENT_COMMANDS:
+            return run_command(command, args)
+        if command == "fleet":
+            return fleet_main(args)
+        if command == "token":
+            return run_token_command(args, os.environ)
         if command == "fetch-model":
             from .models import default_model
 
@@ -59,10 +69,10 @@ def _serve(config: Config) -> int:
     if sys.stderr.isatty() and config.log_format == "text":
         bar = _ProgressBar()
 
-        def with_bar(cfg: Config, on_progress: Callable[[float], None]) -> Engine:
-            def both(f: float) -> None:
+        def with_bar(cfg: Config, on_progress: Callable[[float], bool]) -> Engine:
+            def both(f: float) -> bool:
                 bar(f)
-                on_progress(f)
+                return on_progress(f)
             return llama_engine_factory(cfg, both)
 
         factory = with_bar
@@ -83,6 +93,7 @@ def _serve(config: Config) -> int:
             print(f"orcd listening on {worker.uri}", flush=True)
 
     trio.run(run)
+    logs.flush()  # every log line is out before the last word
     if fatal:
         print(f"orcd: error: {fatal[0].message}", file=sys.stderr)
         return 1

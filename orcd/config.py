@@ -15,7 +15,10 @@ from pathlib import Path
 
 import attrs
 
+from .auth import add_token_parser
+from .client.cli import add_commands
 from .errors import ConfigError
+from .fleet.cli import add_parser as add_fleet_parser
 
 DEFAULT_PORT = 8080
 
@@ -43,7 +46,10 @@ class Config:
     job_history: int = 1000
     job_history_s: float = 3600.0
     cancel_memory_s: float = 60.0
+    cancel_memory_max: int = 100_000
     keepalive_s: float = 15.0
+    stall_timeout_s: float = 30.0
+    shutdown_grace_s: float = 2.0
 
 
 def _positive_int(text: str) -> int:
@@ -115,6 +121,10 @@ _FLAGS: list[tuple[str, str, object, str]] = [
      "finished jobs remembered for GET /jobs (default 1000)"),
     ("--job-history-s", "job_history_s", _positive_float,
      "seconds a finished job is remembered (default 3600)"),
+    ("--keepalive-s", "keepalive_s", _positive_float,
+     "send a ': keep-alive' comment after this many seconds of silence (default 15)"),
+    ("--stall-timeout-s", "stall_timeout_s", _positive_float,
+     "cancel a job whose client takes no bytes for this long (default 30)"),
 ]
 
 _CHOICES = {"log_format": ("json", "text"), "log_level": ("debug", "info", "warning", "error")}
@@ -139,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-model", help="write the default model into a folder")
     fetch.error = parser.error  # type: ignore[method-assign]
     fetch.add_argument("--out", default="models", help="folder to write into (default models/)")
+    add_token_parser(sub, parser)
+    add_commands(sub)
+    add_fleet_parser(sub, parser.error)
     return parser
 
 

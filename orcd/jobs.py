@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import trio
@@ -26,26 +26,18 @@ from .config import Config
 from .engine import CancelFlag, Outcome, Phase, SamplingParams
 from .errors import InvalidRequest, JobExists, NotReady, ShuttingDown, WorkerBusy
 from .metrics import Metrics
-from .schema import ExecuteRequest
+from .outbox import Outbox, StreamEvent
+
+if TYPE_CHECKING:
+    from .api.schema import ExecuteRequest
 
 State = Literal["queued", "running", "completed", "cancelled", "failed"]
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 CancelReason = Literal[
-    "client_request", "client_disconnect", "shutdown", "cancelled_before_start", "deadline"
+    "client_request", "client_disconnect", "client_stalled", "shutdown",
+    "cancelled_before_start", "deadline",
 ]
 MAX_JSON_SEED = 2**53 - 1  # generated seeds stay exact in every JSON client
-
-
-@attrs.frozen
-class StreamEvent:
-    """One SSE event of a job's stream."""
-
-    name: str
-    data: dict[str, Any]
-
-    @property
-    def terminal(self) -> bool:
-        return self.name in ("end", "error")
 
 
 @attrs.define(eq=False)
@@ -56,8 +48,7 @@ class Job:
     params: SamplingParams
     deadline: float  # trio clock
     created_at: str
-    send: trio.MemorySendChannel[StreamEvent]
-    events: trio.MemoryReceiveChannel[StreamEvent]
+    outbox: Outbox
     state: State = "queued"
     phase: Phase = "queued"
     slot: int | None = None
@@ -75,6 +66,7 @@ class Job:
     stop_reason: str | None = None
     error: dict[str, Any] | None = None
     started_mono: float = 0.0
+    position: int | None = None  # place in the queue while waiting for a slot
     counted: bool = False  # counted in the registry's active jobs
 
     @property
@@ -93,11 +85,13 @@ class Job:
         return True
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
-        """Queue an event for the stream; a stream nobody reads any more is skipped."""
-        try:
-            self.send.send_nowait(StreamEvent(name, data))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        """Queue an event for the stream. Never blocks, never raises: a terminal event
+        always has room, and a stream nobody reads any more keeps nothing."""
+        event = StreamEvent(name, data)
+        if event.terminal:
+            self.outbox.finish(event)
+        else:
+            self.outbox.put(event)
 
     def snapshot(self) -> dict[str, Any]:
         max_tokens = self.params.max_tokens
@@ -159,6 +153,7 @@ class RegistryStats:
 _MESSAGES: dict[str, str] = {
     "client_request": "Job cancelled by client request",
     "client_disconnect": "Job cancelled because the client disconnected",
+    "client_stalled": "Job cancelled because the client stopped reading its stream",
     "shutdown": "Job cancelled because the worker is shutting down",
     "cancelled_before_start": "Job was cancelled before it was submitted",
 }
@@ -176,7 +171,10 @@ class JobRegistry:
     _jobs: OrderedDict[str, Job | JobRecord] = attrs.field(factory=OrderedDict)
     _waiting: list[Job] = attrs.field(factory=list)
     _free_slots: list[int] = attrs.field(factory=list)
-    _cancelled_unknown: dict[str, float] = attrs.field(factory=dict)
+    # Cancels for ids not seen yet: id -> expiry (trio clock), oldest first.
+    _cancelled_unknown: OrderedDict[str, float] = attrs.field(factory=OrderedDict)
+    # Finished jobs in the history: id -> when it finished (time.monotonic), oldest first.
+    _finished: OrderedDict[str, float] = attrs.field(factory=OrderedDict)
     _n_active: int = 0
     _idle: trio.Event = attrs.field(factory=trio.Event)
 
@@ -216,14 +214,20 @@ class JobRegistry:
 
     # -- admission -------------------------------------------------------------------
 
-    async def submit(self, req: ExecuteRequest, correlation_id: str) -> Job:
-        """Admit a validated request, or raise the contract's error for refusing it."""
+    async def submit(self, req: ExecuteRequest, correlation_id: str, *,
+                     tokens: list[int] | None = None) -> Job:
+        """Admit a validated request, or raise the contract's error for refusing it.
+
+        ``tokens``: the prompt already tokenized (the ``/v1`` chat routes tokenize a rendered
+        chat template themselves); otherwise ``req.prompt`` is tokenized here.
+        """
         if self.draining:
             raise ShuttingDown("the worker is shutting down and takes no new jobs")
         engine = self.engine
         if engine is None:
             raise NotReady("the model is still loading; retry shortly")
-        tokens = await trio.to_thread.run_sync(engine.tokenize, req.prompt)
+        if tokens is None:
+            tokens = await trio.to_thread.run_sync(engine.tokenize, req.prompt)
         params = self._sampling(req, len(tokens), engine)
         # Everything below is synchronous: no other request can slip in between the checks.
         if self.draining:
@@ -241,13 +245,11 @@ class JobRegistry:
                 details={"queued": len(self._waiting), "queue_depth": self.config.queue_depth},
             )
         timeout_s = req.timeout_ms / 1000 if req.timeout_ms else self.config.inference_timeout_s
-        send, recv = trio.open_memory_channel[StreamEvent](
-            params.max_tokens + self.config.queue_depth + 8
-        )
         job = Job(
             job_id=req.job_id, correlation_id=correlation_id, prompt_tokens=tokens,
             params=params, deadline=trio.current_time() + timeout_s, created_at=logs.utc_now(),
-            send=send, events=recv,
+            # started + one piece per token at most: every event of the job always fits.
+            outbox=Outbox(req.job_id, params.max_tokens + 1),
         )
         self._jobs[job.job_id] = job
         digest = hashlib.sha256(req.prompt.encode("utf-8")).hexdigest()
@@ -264,7 +266,8 @@ class JobRegistry:
             self._grant(job, self._free_slots.pop(0))
         else:
             self._waiting.append(job)
-            job.emit("queued", {"job_id": job.job_id, "position": len(self._waiting)})
+            job.position = len(self._waiting)
+            job.outbox.set_position(job.position)
         assert self._nursery is not None, "JobRegistry.run() is not running"
         self._nursery.start_soon(self._run, job, name=f"job:{job.job_id}")
         return job
@@ -303,7 +306,7 @@ class JobRegistry:
         self._forget_expired()
         job = self._jobs.get(job_id)
         if job is None:
-            self._cancelled_unknown[job_id] = trio.current_time() + self.config.cancel_memory_s
+            self._remember_unknown_cancel(job_id)
             logs.log("cancel_unknown",
                      f"Cancel for unknown job {job_id}; remembered for "
                      f"{self.config.cancel_memory_s:g} s", level=logging.WARNING,
@@ -458,10 +461,10 @@ class JobRegistry:
             metric, action, level = "failed", "error", logging.ERROR
             human = f"Job {job.job_id} failed: {message}"
         job.state = state
-        job.send.close()
-        # The history keeps a small record; the Job itself (its prompt, channel, events and
-        # scope) is freed once its stream has been read.
+        # The history keeps a small record; the Job itself (its prompt, outbox and scope) is
+        # freed once its stream has been read.
         self._jobs[job.job_id] = JobRecord.of(job)
+        self._finished[job.job_id] = job.finished_mono
         self._trim_history()
         self.metrics.requests.labels(outcome=metric).inc()
         if job.started_mono:
@@ -490,6 +493,7 @@ class JobRegistry:
         slot, job.slot = job.slot, None
         while self._waiting:
             nxt = self._waiting.pop(0)
+            nxt.position = None
             if nxt.active and not nxt.flag.is_set():
                 self._grant(nxt, slot)
                 self._announce_positions()
@@ -498,8 +502,11 @@ class JobRegistry:
         self._free_slots.sort()
 
     def _announce_positions(self) -> None:
+        """Tell each waiting job its place, if it changed (CONTRACT §3)."""
         for position, job in enumerate(self._waiting, start=1):
-            job.emit("queued", {"job_id": job.job_id, "position": position})
+            if job.position != position:
+                job.position = position
+                job.outbox.set_position(position)
 
     def _mark_active(self, delta: int) -> None:
         self._n_active += delta
@@ -509,17 +516,38 @@ class JobRegistry:
             self._idle = trio.Event()
 
     # -- memory ----------------------------------------------------------------------
+    # Both kinds of memory are kept oldest first, so forgetting is O(1) amortized.
+
+    def _remember_unknown_cancel(self, job_id: str) -> None:
+        """Remember a cancel for an id not seen yet, for ``cancel_memory_s``; at most
+        ``cancel_memory_max`` are kept, the oldest dropped first."""
+        tombstones = self._cancelled_unknown
+        tombstones.pop(job_id, None)
+        tombstones[job_id] = trio.current_time() + self.config.cancel_memory_s
+        while len(tombstones) > self.config.cancel_memory_max:
+            tombstones.popitem(last=False)
 
     def _forget_expired(self) -> None:
         now = trio.current_time()
-        for job_id in [k for k, t in self._cancelled_unknown.items() if t <= now]:
-            del self._cancelled_unknown[job_id]
+        tombstones = self._cancelled_unknown
+        while tombstones:
+            job_id, expiry = next(iter(tombstones.items()))
+            if expiry > now:
+                break
+            del tombstones[job_id]
         horizon = time.monotonic() - self.config.job_history_s
-        for job in list(self._jobs.values()):
-            if job.finished_mono is not None and job.finished_mono < horizon:
-                del self._jobs[job.job_id]
+        while self._finished:
+            job_id, finished = next(iter(self._finished.items()))
+            if finished >= horizon:
+                break
+            self._forget(job_id)
 
     def _trim_history(self) -> None:
-        finished = [j for j in self._jobs.values() if not j.active]
-        for job in finished[: max(0, len(finished) - self.config.job_history)]:
-            del self._jobs[job.job_id]
+        while len(self._finished) > self.config.job_history:
+            self._forget(next(iter(self._finished)))
+
+    def _forget(self, job_id: str) -> None:
+        del self._finished[job_id]
+        entry = self._jobs.get(job_id)
+        if entry is not None and not entry.active:
+            del self._jobs[job_id]

@@ -4,14 +4,22 @@ Built on the standard :mod:`logging` module. Every line has ``ts, level, actor, 
 human, worker_id``; lines about a request or job add ``job_id`` and ``correlation_id``.
 Prompts and outputs are never logged: only their length and the prompt's SHA-256.
 ``--log-format text`` renders the same records as one readable line each.
+
+Logging never blocks the event loop: a record goes into a bounded queue (dropped and
+counted if the queue is full) and one writer thread formats and writes it, so a stderr
+that nobody reads stalls only that thread.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import queue
 import sys
-from datetime import datetime, timezone
+import time
+from datetime import UTC, datetime
+from logging.handlers import QueueHandler, QueueListener
 from typing import IO, Any
 
 LOGGER_NAME = "orcd"
@@ -20,7 +28,7 @@ _BASE = ("ts", "level", "actor", "action", "human", "worker_id")
 
 def utc_now() -> str:
     """RFC 3339 UTC with milliseconds, as used in logs and events."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,7 +38,7 @@ class JsonFormatter(logging.Formatter):
 
     def record_fields(self, record: logging.LogRecord) -> dict[str, Any]:
         fields: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc)
+            "ts": datetime.fromtimestamp(record.created, UTC)
             .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
@@ -54,18 +62,71 @@ class TextFormatter(JsonFormatter):
         return f"{line}  {extra}" if extra else line
 
 
+QUEUE_SIZE = 10_000
+
+
+class _DroppingQueueHandler(QueueHandler):
+    """Puts records on the writer's queue without ever waiting; counts what did not fit."""
+
+    def __init__(self, q: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(q)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+_listener: QueueListener | None = None
+_queue: queue.Queue[logging.LogRecord] | None = None
+
+
 def configure(worker_id: str, fmt: str = "json", level: str = "info",
               stream: IO[str] | None = None) -> logging.Logger:
-    """Point the ``orcd`` logger at ``stream`` (stderr) in the chosen format."""
+    """Point the ``orcd`` logger at ``stream`` (stderr) in the chosen format, through the
+    queue and its writer thread."""
+    global _listener, _queue
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(TextFormatter(worker_id) if fmt == "text" else JsonFormatter(worker_id))
-    logger.addHandler(handler)
+    if _listener is not None:
+        _listener.stop()  # writes what is queued, then ends the writer thread
+    writer = logging.StreamHandler(stream or sys.stderr)
+    writer.setFormatter(TextFormatter(worker_id) if fmt == "text" else JsonFormatter(worker_id))
+    _queue = queue.Queue(QUEUE_SIZE)
+    _listener = QueueListener(_queue, writer)
+    _listener.start()
+    logger.addHandler(_DroppingQueueHandler(_queue))
     logger.setLevel(level.upper())
     logger.propagate = False
     return logger
+
+
+def flush(timeout_s: float = 2.0) -> bool:
+    """Wait (in the calling thread) until every queued line is written; False on timeout."""
+    q = _queue
+    if q is None:
+        return True
+    end = time.monotonic() + timeout_s
+    while q.unfinished_tasks:
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def dropped() -> int:
+    """Log lines dropped because the writer could not keep up."""
+    handlers = logging.getLogger(LOGGER_NAME).handlers
+    return sum(h.dropped for h in handlers if isinstance(h, _DroppingQueueHandler))
+
+
+@atexit.register
+def _stop() -> None:
+    if _listener is not None:
+        _listener.stop()
 
 
 def log(action: str, human: str, *, level: int = logging.INFO, **fields: Any) -> None:

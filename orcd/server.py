@@ -8,10 +8,11 @@ the bound port once the server listens (the model may still be loading then).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import threading
 import time
-import weakref
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -19,24 +20,25 @@ from typing import Any
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from . import logs
+from .api import create_app
+from .api.lifetime import RequestLifetime
+from .api.transport import Connections, serve_http
 from .bridge import Engine
 from .config import Config
 from .errors import OrcdError
 from .health import HealthState, Nvml
-from .http import create_app
-from .jobs import Job, JobRegistry
+from .jobs import CancelReason, Job, JobRegistry
 from .metrics import Metrics
-from .sse import JobStream
 
 try:
     VERSION = version("orcd")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     VERSION = "0.0.0"
 
-EngineFactory = Callable[[Config, Callable[[float], None]], Engine]
+# The loader gets a progress callback; when it returns False the load should stop.
+EngineFactory = Callable[[Config, Callable[[float], bool]], Engine]
 
 
 class FatalError(OrcdError):
@@ -45,7 +47,7 @@ class FatalError(OrcdError):
     code = "FATAL"
 
 
-def llama_engine_factory(config: Config, on_progress: Callable[[float], None]) -> Engine:
+def llama_engine_factory(config: Config, on_progress: Callable[[float], bool]) -> Engine:
     """Load the configured model (or the default one) with llama.cpp; runs in a thread."""
     from .engine import LlamaEngine
     from .models import default_model
@@ -72,14 +74,15 @@ class Worker:
     uri: str | None = None
     nvml: Nvml | None = None
     shutdown_reason: str | None = None
+    connections: Connections | None = None
+    lifetime: RequestLifetime | None = None  # set by create_app
+    load_abort: threading.Event = attrs.field(factory=threading.Event)
     _shutdown: trio.Event = attrs.field(factory=trio.Event)
     _logged_pct: int = -1
-    # Every SSE stream handed to a client; weak, so a stream nobody holds is forgotten.
-    streams: weakref.WeakSet[JobStream] = attrs.field(factory=weakref.WeakSet)
 
     def open_streams(self) -> int:
-        """Streams whose client has not yet read their terminal event (nor hung up)."""
-        return sum(1 for stream in list(self.streams) if not stream.done)
+        """Requests holding a job whose stream has not been written to its end."""
+        return self.lifetime.holding if self.lifetime is not None else 0
 
     @property
     def engine(self) -> Engine | None:
@@ -89,15 +92,21 @@ class Worker:
         if self.shutdown_reason is None:
             self.shutdown_reason = why
             self.registry.draining = True
+        self.load_abort.set()  # a model still loading stops loading
         self._shutdown.set()
 
     async def wait_shutdown(self) -> None:
         await self._shutdown.wait()
 
-    def on_stream_abandoned(self, job: Job) -> None:
-        if job.request_cancel("client_disconnect"):
-            logs.log("client_disconnect", f"Client of job {job.job_id} disconnected",
-                     job_id=job.job_id, correlation_id=job.correlation_id, phase=job.phase)
+    def on_request_end(self, job: Job, peer: tuple[str, int] | None) -> None:
+        """The request that created ``job`` ended; if the job has not, its client is gone."""
+        stalled = self.connections is not None and self.connections.was_stalled(peer)
+        reason: CancelReason = "client_stalled" if stalled else "client_disconnect"
+        phase = job.phase
+        if job.request_cancel(reason):
+            logs.log("client_disconnect", f"Client of job {job.job_id} "
+                     f"{'stopped reading' if stalled else 'disconnected'}", job_id=job.job_id,
+                     correlation_id=job.correlation_id, phase=phase, reason=reason)
 
     def on_load_progress(self, fraction: float) -> None:
         """Record load progress; logs ``model_load_progress`` at 0/25/50/75/100 %."""
@@ -164,6 +173,7 @@ async def serve(
     metrics = Metrics()
     registry = JobRegistry(config, metrics)
     worker = Worker(config, registry, metrics)
+    worker.connections = connections = Connections(config.stall_timeout_s)
     app = create_app(worker)
     hcfg = HypercornConfig()
     hcfg.bind = [f"[{config.host}]:{config.port}" if ":" in config.host
@@ -172,17 +182,22 @@ async def serve(
     http_log = logging.getLogger("orcd.http")
     http_log.setLevel(logging.WARNING)
     hcfg.errorlog = http_log
-    hcfg.graceful_timeout = 5.0
     hcfg.keep_alive_timeout = 75.0
     stop_http = trio.Event()
+    http_done = trio.Event()
+
+    async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await serve_http(app, hcfg, connections, shutdown_trigger=stop_http.wait,
+                             task_status=task_status)
+        finally:
+            http_done.set()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(registry.run)
         if handle_signals:
             nursery.start_soon(_watch_signals, worker)
-        binds = await nursery.start(
-            lambda task_status: hypercorn_serve(app, hcfg, shutdown_trigger=stop_http.wait,
-                                                task_status=task_status))
+        binds = await nursery.start(run_http)
         worker.uri = binds[0]
         port = int(binds[0].rsplit(":", 1)[1])
         logs.log("startup", f"Listening on {worker.uri}", uri=worker.uri, port=port,
@@ -191,15 +206,36 @@ async def serve(
         fatal: list[FatalError] = []
         nursery.start_soon(_load_then_announce, worker, engine_factory, nvml_module, fatal)
         await worker.wait_shutdown()
+        # From here the process has drain_timeout_s + shutdown_grace_s, whatever clients do.
+        deadline = trio.current_time() + config.drain_timeout_s + config.shutdown_grace_s
+        if handle_signals:
+            _exit_backstop(config.drain_timeout_s + config.shutdown_grace_s + 1.0)
         logs.log("shutdown", f"Draining ({worker.shutdown_reason}); running jobs get "
                  f"{config.drain_timeout_s:g} s", reason=worker.shutdown_reason)
-        await registry.drain(config.drain_timeout_s)
-        # Every open stream has its terminal event queued now; let the clients read it.
-        with trio.move_on_after(hcfg.graceful_timeout):
-            while worker.open_streams():  # noqa: ASYNC110 - a bounded poll of stream states
-                await trio.sleep(0.01)
-            await trio.sleep(0.05)  # the last frames leave the socket buffers
+        with trio.move_on_at(deadline):
+            await registry.drain(config.drain_timeout_s)
+        # Every job has ended: clients that still read get the terminal frame and the end
+        # of the body. A request is done once the server has written all of it.
+        with trio.move_on_at(deadline):
+            while worker.open_streams():  # noqa: ASYNC110 - a bounded poll of live requests
+                await trio.sleep(0.005)
+        # Stop listening; requests still in flight finish, idle connections are closed;
+        # at the hard deadline whatever is left is closed too.
+        hcfg.graceful_timeout = max(0.0, deadline - trio.current_time())
         stop_http.set()
+        lifetime = worker.lifetime
+        assert lifetime is not None
+        with trio.move_on_at(deadline):
+            while not http_done.is_set():
+                connections.close_idle(lifetime.busy)
+                with trio.move_on_after(0.01):
+                    await http_done.wait()
+        if not http_done.is_set():
+            aborted = connections.abort_all()
+            logs.log("shutdown", f"Closed {aborted} connection(s) whose clients did not "
+                     "read to the end", level=logging.WARNING, connections=aborted)
+            with trio.move_on_after(1.0):
+                await http_done.wait()
         nursery.cancel_scope.cancel()
     if worker.engine is not None:
         await trio.to_thread.run_sync(worker.engine.close)
@@ -210,19 +246,43 @@ async def serve(
         raise fatal[0]
 
 
+def _exit_backstop(after_s: float) -> None:
+    """The last line of the shutdown deadline, for a process: if ``serve`` has not
+    returned ``after_s`` from now (a bug, never a client), exit anyway."""
+
+    def force_exit() -> None:
+        logs.log("shutdown", f"Shutdown did not finish in {after_s:g} s; exiting now",
+                 level=logging.ERROR)
+        logs.flush(0.5)
+        os._exit(0)
+
+    timer = threading.Timer(after_s, force_exit)
+    timer.daemon = True
+    timer.start()
+
+
 async def _load_then_announce(worker: Worker, engine_factory: EngineFactory,
                               nvml_module: Any | None, fatal: list[FatalError]) -> None:
     config = worker.config
     token = trio.lowlevel.current_trio_token()
     worker.on_load_progress(0.0)
+
+    def on_progress(fraction: float) -> bool:  # in the loading thread
+        token.run_sync_soon(worker.on_load_progress, fraction)
+        return not worker.load_abort.is_set()
+
     try:
-        engine = await trio.to_thread.run_sync(
-            engine_factory, config,
-            lambda f: token.run_sync_soon(worker.on_load_progress, f))
+        engine = await trio.to_thread.run_sync(engine_factory, config, on_progress)
     except OrcdError as exc:
+        if worker.shutdown_reason is not None:
+            logs.log("shutdown", f"Model load stopped by the shutdown: {exc.message}")
+            return
         logs.log("error", f"Model failed to load: {exc.message}", level=logging.ERROR)
         fatal.append(FatalError(exc.message))
         worker.request_shutdown("model load failed")
+        return
+    if worker.shutdown_reason is not None:  # loaded just as the shutdown began
+        await trio.to_thread.run_sync(engine.close)
         return
     worker.on_load_progress(1.0)
     if config.gpu_device is not None:
@@ -310,8 +370,7 @@ async def _watch_signals(worker: Worker) -> None:
             name = signal.Signals(signum).name
             if worker.shutdown_reason is not None and signum == signal.SIGINT:
                 logs.log("shutdown", "Second SIGINT: exiting at once", level=logging.WARNING)
+                logs.flush(0.2)
                 sys.stderr.flush()
-                import os
-
                 os._exit(130)
             worker.request_shutdown(name)

@@ -36,6 +36,7 @@ class LogCapture:
         self.stream = io.StringIO()
 
     def lines(self) -> list[dict[str, Any]]:
+        logs.flush()
         return [json.loads(line) for line in self.stream.getvalue().splitlines() if line]
 
     def actions(self, action: str) -> list[dict[str, Any]]:

@@ -420,6 +420,7 @@ def test_text_log_format_is_readable_and_not_json() -> None:
     logs.log("debug_detail", "not shown at level info", level=logging.DEBUG)
     logs.log("cancel_unknown", "Cancel for unknown job zz", level=logging.WARNING,
              job_id="zz")
+    assert logs.flush()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2, lines
     for line in lines:

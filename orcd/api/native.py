@@ -1,123 +1,56 @@
-"""HTTP routes: thin handlers that parse, call into the job layer and render (CONTRACT §2–§6).
-
-Every error, whatever raised it, leaves through :func:`error_response` in the contract's
-envelope ``{"error": {code, message, retriable, details, correlation_id}}``.
-"""
+"""Native routes: thin handlers that parse, call into the job layer and render (CONTRACT §2–§6)."""
 
 from __future__ import annotations
 
-import logging
-import secrets
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, g, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import logs
-from .errors import (
-    InvalidRequest,
-    JobNotFound,
-    OrcdError,
-    PayloadTooLarge,
-    Unavailable,
-    UnsupportedMediaType,
-)
-from .schema import (
-    CORRELATION_ID_RE,
-    CancelRequest,
-    ExecuteRequest,
-    parse_json_object,
-    validate_job_id,
-)
+from ..errors import InvalidRequest, JobNotFound, UnsupportedMediaType
+from . import lifetime
+from .app import json_response
+from .schema import CancelRequest, ExecuteRequest, parse_json_object, validate_job_id
 from .sse import JobStream
 
 if TYPE_CHECKING:
-    from .server import Worker
+    from ..server import Worker
 
-_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 JOB_STATES = ("queued", "running", "completed", "cancelled", "failed")
 
 
-def json_response(body: dict[str, Any], status: int = 200) -> Response:
-    import json
-
-    return Response(json.dumps(body), status=status,
-                    mimetype="application/json")
-
-
-def error_response(err: OrcdError, correlation_id: str) -> Response:
-    response = json_response({"error": {
-        "code": err.code, "message": err.message, "retriable": err.retriable,
-        "details": err.details, "correlation_id": correlation_id,
-    }}, err.http_status)
-    if isinstance(err, Unavailable):
-        response.headers["Retry-After"] = str(err.retry_after)
-    if isinstance(err, (PayloadTooLarge, UnsupportedMediaType)):
-        # The body was refused unread; the connection cannot carry another request.
-        response.headers["Connection"] = "close"
-    return response
+async def read_json() -> dict[str, Any]:
+    """The request body as a JSON object (415 for another media type, 400 if malformed)."""
+    ctype = request.headers.get("Content-Type")
+    if ctype is not None and request.mimetype not in ("application/json", ""):
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype!r}")
+    body = await request.get_data(cache=False, as_text=False)
+    return parse_json_object(body if isinstance(body, bytes) else body.encode())
 
 
-def create_app(worker: Worker) -> QuartTrio:
+def check_job_id_header(job_id: str) -> None:
+    """An ``X-Job-Id`` header (what a proxy routes on, CONTRACT §11) must name the body's job."""
+    header = request.headers.get("X-Job-Id")
+    if header is not None and header != job_id:
+        raise InvalidRequest([{
+            "field": "X-Job-Id", "constraint": "match",
+            "message": f"header X-Job-Id {header[:140]!r} differs from the body's job_id "
+                       f"{job_id!r}"}])
+
+
+def register(app: QuartTrio, worker: Worker) -> None:
     config = worker.config
-    app = QuartTrio("orcd")
-    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    app.config["RESPONSE_TIMEOUT"] = None
-    app.config["BODY_TIMEOUT"] = 30
-
-    @app.before_request
-    async def _correlation() -> None:
-        given = request.headers.get("X-Correlation-Id", "")
-        g.correlation_id = given if CORRELATION_ID_RE.match(given) else secrets.token_hex(8)
-
-    @app.after_request
-    async def _echo_correlation(response: Response) -> Response:
-        response.headers["X-Correlation-Id"] = g.get("correlation_id", "")
-        return response
-
-    @app.errorhandler(OrcdError)
-    async def _orcd_error(err: OrcdError) -> Response:
-        worker.metrics.rejected.labels(code=err.code).inc()
-        return error_response(err, g.get("correlation_id", ""))
-
-    @app.errorhandler(HTTPException)
-    async def _http_error(err: HTTPException) -> Response:
-        status = err.code or 500
-        if isinstance(err, RequestEntityTooLarge):
-            mine: OrcdError = PayloadTooLarge(
-                f"request body is over the limit of {config.max_body_bytes} bytes")
-        else:
-            mine = OrcdError(err.description or err.name)
-            mine.code = _HTTP_CODES.get(status, "INVALID_REQUEST" if status < 500 else "INTERNAL")
-            mine.http_status = status
-        worker.metrics.rejected.labels(code=mine.code).inc()
-        return error_response(mine, g.get("correlation_id", ""))
-
-    @app.errorhandler(Exception)
-    async def _unexpected(err: Exception) -> Response:
-        logs.log("error", f"Unhandled error in {request.method} {request.path}: {err!r}",
-                 level=logging.ERROR, correlation_id=g.get("correlation_id"))
-        return error_response(OrcdError("internal error; see the worker's log"),
-                              g.get("correlation_id", ""))
-
-    async def read_json() -> dict[str, Any]:
-        ctype = request.headers.get("Content-Type")
-        if ctype is not None and request.mimetype not in ("application/json", ""):
-            raise UnsupportedMediaType(
-                f"Content-Type must be application/json, got {ctype!r}")
-        body = await request.get_data(cache=False, as_text=False)
-        return parse_json_object(body if isinstance(body, bytes) else body.encode())
 
     @app.post("/execute")
     async def execute() -> Response:
         body = await read_json()
         req = ExecuteRequest.from_json(body, max_tokens_out=config.max_tokens_out,
                                        inference_timeout_s=config.inference_timeout_s)
+        check_job_id_header(req.job_id)
         job = await worker.registry.submit(req, g.correlation_id)
-        stream = JobStream(job, config.keepalive_s, worker.on_stream_abandoned)
-        worker.streams.add(stream)
-        response = Response(stream, status=200, mimetype="text/event-stream")
+        lifetime.bind(job)  # no checkpoint in between: a client gone by now cancels the job
+        response = Response(JobStream(job, config.keepalive_s), status=200,
+                            mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.timeout = None
@@ -126,10 +59,11 @@ def create_app(worker: Worker) -> QuartTrio:
     @app.post("/cancel")
     async def cancel() -> Response:
         req = CancelRequest.from_json(await read_json())
+        check_job_id_header(req.job_id)
         state = worker.registry.cancel(req.job_id, g.correlation_id)
         return json_response({"status": "cancelling", "job_id": req.job_id, "state": state}, 202)
 
-    @app.get("/jobs/<job_id>")
+    @app.get("/jobs/<path:job_id>")  # any path, so "a%2Fb" is a 400 for its job_id, not a 404
     async def job(job_id: str) -> Response:
         validate_job_id(job_id)
         found = worker.registry.get(job_id)
@@ -161,4 +95,3 @@ def create_app(worker: Worker) -> QuartTrio:
         worker.request_shutdown("POST /shutdown")
         return json_response({"status": "draining"}, 202)
 
-    return app

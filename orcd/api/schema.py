@@ -13,10 +13,10 @@ from typing import Any
 
 import attrs
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-CORRELATION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # always fullmatch: "$" accepts "\n"
+CORRELATION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 MAX_PROMPT_CHARS = 32768
 MAX_STOPS = 4
 MAX_STOP_CHARS = 100
@@ -81,7 +81,7 @@ def job_id_problem(value: object) -> dict[str, str] | None:
         return _err("job_id", "required", "job_id is required")
     if not isinstance(value, str):
         return _err("job_id", "type", f"job_id must be a string, got {_kind(value)}")
-    if not JOB_ID_RE.match(value):
+    if not JOB_ID_RE.fullmatch(value):
         shown = value if len(value) <= 40 else value[:40] + "..."
         return _err(
             "job_id", "pattern",

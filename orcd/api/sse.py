@@ -1,8 +1,9 @@
 """Server-Sent Events: frames, keep-alives, and the stream that drains one job.
 
-The stream only drains the job's channel; it never yields inside a cancel scope. If it is
-closed before the job's terminal event went out (the client disconnected: Quart cancels
-the response and closes its body), it cancels the job with reason ``client_disconnect``.
+A :class:`JobStream` is the body Quart sends for a streaming response. It only drains the
+job's outbox and never yields inside a cancel scope; each protocol passes its own
+``render`` (the native one is :func:`native_frame`). What happens when the client goes
+away is not its business: :mod:`orcd.api.lifetime` ties the job to the whole request.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 
 import trio
 
-from .jobs import Job, StreamEvent
+from ..jobs import Job
+from ..outbox import StreamEvent
 
 KEEPALIVE = b": keep-alive\n\n"
+Render = Callable[[StreamEvent], bytes]
 
 
 def frame(name: str, data: dict[str, Any]) -> bytes:
@@ -23,47 +26,46 @@ def frame(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {payload}\n\n".encode()
 
 
-class JobStream:
-    """The async iterator Quart sends as the body of a ``POST /execute`` response."""
+def native_frame(event: StreamEvent) -> bytes:
+    """``event: NAME`` + ``data: JSON``: the native protocol of ``POST /execute``."""
+    return frame(event.name, event.data)
 
-    def __init__(self, job: Job, keepalive_s: float, on_abandon: Callable[[Job], None]) -> None:
+
+class JobStream:
+    """The async iterator Quart sends as the body of a streaming response.
+
+    ``written`` turns true only when Quart asks for the chunk after the terminal frame,
+    which it does once the terminal frame has been written to the socket.
+    """
+
+    def __init__(self, job: Job, keepalive_s: float, render: Render = native_frame) -> None:
         self._job = job
         self._keepalive_s = keepalive_s
-        self._on_abandon = on_abandon
-        self._done = False
-
-    @property
-    def done(self) -> bool:
-        """True once the terminal event went out or the stream was closed."""
-        return self._done
+        self._render = render
+        self._terminal_sent = False
+        self.written = False
 
     def __aiter__(self) -> JobStream:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._done:
+        if self._terminal_sent:
+            self.written = True
             raise StopAsyncIteration
-        event: StreamEvent | None = None
-        try:
-            with trio.move_on_after(self._keepalive_s):
-                event = await self._job.events.receive()
-        except trio.EndOfChannel:
-            self._done = True
-            raise StopAsyncIteration from None
-        except BaseException:
-            self.aclose_now()
-            raise
-        if event is None:
-            return KEEPALIVE
-        if event.terminal:
-            self._done = True
-        return frame(event.name, event.data)
-
-    def aclose_now(self) -> None:
-        if not self._done:
-            self._done = True
-            self._on_abandon(self._job)
-        self._job.events.close()
-
-    async def aclose(self) -> None:
-        self.aclose_now()
+        while True:
+            event: StreamEvent | None = None
+            with trio.move_on_after(self._keepalive_s) as idle:
+                event = await self._job.outbox.get()
+            if idle.cancelled_caught:
+                return KEEPALIVE
+            if event is None:  # abandoned: nothing more will come
+                self._terminal_sent = True
+                raise StopAsyncIteration
+            chunk = self._render(event)
+            if event.terminal:
+                self._terminal_sent = True
+            if chunk:
+                return chunk
+            if self._terminal_sent:
+                self.written = True
+                raise StopAsyncIteration

@@ -1,0 +1,103 @@
+"""The HTTP application: one QuartTrio app, the error envelope, and every route group.
+
+Every error, whatever raised it, leaves through :func:`error_response` in the contract's
+envelope ``{"error": {code, message, retriable, details, correlation_id}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from .. import logs
+from ..errors import OrcdError, PayloadTooLarge, Unavailable, UnsupportedMediaType
+from .lifetime import RequestLifetime
+from .schema import CORRELATION_ID_RE
+
+if TYPE_CHECKING:
+    from ..server import Worker
+
+_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
+
+
+def json_response(body: dict[str, Any], status: int = 200) -> Response:
+    import json
+
+    return Response(json.dumps(body), status=status,
+                    mimetype="application/json")
+
+
+def error_response(err: OrcdError, correlation_id: str) -> Response:
+    response = json_response({"error": {
+        "code": err.code, "message": err.message, "retriable": err.retriable,
+        "details": err.details, "correlation_id": correlation_id,
+    }}, err.http_status)
+    if isinstance(err, Unavailable):
+        response.headers["Retry-After"] = str(err.retry_after)
+    if isinstance(err, (PayloadTooLarge, UnsupportedMediaType)):
+        # The body was refused unread; the connection cannot carry another request.
+        response.headers["Connection"] = "close"
+    return response
+
+
+def create_app(worker: Worker) -> QuartTrio:
+    config = worker.config
+    app = QuartTrio("orcd")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 30
+
+    @app.before_request
+    async def _correlation() -> None:
+        given = request.headers.get("X-Correlation-Id", "")
+        g.correlation_id = given if CORRELATION_ID_RE.fullmatch(given) else secrets.token_hex(8)
+
+    @app.after_request
+    async def _echo_correlation(response: Response) -> Response:
+        response.headers["X-Correlation-Id"] = g.get("correlation_id", "")
+        return response
+
+    def _render(err: OrcdError) -> Response:
+        if request.path.startswith("/v1/"):  # the OpenAI-compatible API: OpenAI error objects
+            return openai.error_response(err)
+        return error_response(err, g.get("correlation_id", ""))
+
+    @app.errorhandler(OrcdError)
+    async def _orcd_error(err: OrcdError) -> Response:
+        worker.metrics.rejected.labels(code=err.code).inc()
+        return _render(err)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(err: HTTPException) -> Response:
+        status = err.code or 500
+        if isinstance(err, RequestEntityTooLarge):
+            mine: OrcdError = PayloadTooLarge(
+                f"request body is over the limit of {config.max_body_bytes} bytes")
+        else:
+            mine = OrcdError(err.description or err.name)
+            mine.code = _HTTP_CODES.get(status, "INVALID_REQUEST" if status < 500 else "INTERNAL")
+            mine.http_status = status
+        worker.metrics.rejected.labels(code=mine.code).inc()
+        return _render(mine)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(err: Exception) -> Response:
+        logs.log("error", f"Unhandled error in {request.method} {request.path}: {err!r}",
+                 level=logging.ERROR, correlation_id=g.get("correlation_id"))
+        return _render(OrcdError("internal error; see the worker's log"))
+
+    from .. import web
+    from . import native, openai
+
+    native.register(app, worker)
+    openai.register(app, worker)
+    web.register(app, worker)
+    # Outermost: every job a request binds ends when the request does (lifetime.py).
+    app.asgi_app = worker.lifetime = RequestLifetime(  # type: ignore[method-assign]
+        app.asgi_app, worker.on_request_end)
+    return app
