@@ -1,10 +1,10 @@
-"""The one bridge between the trio world and a generation thread.
+"""The one bridge between the trio world and the engine thread.
 
-:func:`run_generation` runs :meth:`Engine.generate` in a worker thread with
-``abandon_on_cancel=False`` (a thread that holds model memory is never abandoned) and
-carries the thread's reports back into trio with ``TrioToken.run_sync_soon``: fire and
-forget, in order, so the generation thread never waits for the event loop. The thread's
-return value arrives after every report it queued, because trio delivers it the same way.
+One long-lived thread runs :meth:`BatchEngine.run`, the step loop (:func:`run_engine`, owned
+by the job registry). Each job hands the engine a :class:`SeqRequest` (:func:`start`); the
+engine reports from its thread through ``TrioToken.run_sync_soon``: fire and forget, in
+order, so the engine never waits for the event loop. The sequence's ``finished`` report
+comes last and sets :attr:`Generation.done`.
 """
 
 from __future__ import annotations
@@ -14,57 +14,72 @@ from typing import Protocol
 
 import trio
 
-from .engine import CancelFlag, GenerationSink, ModelInfo, Outcome, Phase, SamplingParams
+from .engine import CancelFlag, EngineStats, ModelInfo, Outcome, Phase, SamplingParams, SeqRequest
 
 
 class Engine(Protocol):
-    """What the job layer needs from an engine (:class:`orcd.engine.LlamaEngine`, or a fake)."""
+    """What the job layer needs from an engine (:class:`orcd.engine.BatchEngine`)."""
 
     info: ModelInfo
 
     @property
     def n_slots(self) -> int: ...
 
-    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = True
+                 ) -> list[int]: ...
 
-    def generate(self, slot: int, prompt_tokens: Sequence[int], params: SamplingParams,
-                 flag: CancelFlag, sink: GenerationSink) -> Outcome: ...
+    def start(self, req: SeqRequest) -> None: ...
+
+    def cancel(self, req: SeqRequest) -> None: ...
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def statistics(self) -> EngineStats: ...
 
     def close(self) -> None: ...
 
 
-class _TrioSink:
-    """A :class:`GenerationSink` that replays every report inside the trio thread."""
+class Generation:
+    """One job's sequence in the engine, seen from trio; also its :class:`SeqSink`."""
 
-    def __init__(self, token: trio.lowlevel.TrioToken, on_phase: Callable[[Phase], None],
+    def __init__(self, prompt_tokens: Sequence[int], params: SamplingParams, flag: CancelFlag,
+                 *, on_phase: Callable[[Phase], None],
                  on_token: Callable[[str, int], None]) -> None:
-        self._token = token
+        self._trio = trio.lowlevel.current_trio_token()
         self._on_phase = on_phase
         self._on_token = on_token
+        self.request = SeqRequest(prompt_tokens, params, flag, self)
+        self.done = trio.Event()  # set once the engine has freed the sequence
+        self.outcome: Outcome | None = None
 
+    # SeqSink: called in the engine thread
     def phase(self, phase: Phase) -> None:
-        self._token.run_sync_soon(self._on_phase, phase)
+        self._trio.run_sync_soon(self._on_phase, phase)
 
     def token(self, text: str, tokens_out: int) -> None:
-        self._token.run_sync_soon(self._on_token, text, tokens_out)
+        self._trio.run_sync_soon(self._on_token, text, tokens_out)
+
+    def finished(self, outcome: Outcome) -> None:
+        self._trio.run_sync_soon(self._finished, outcome)
+
+    def _finished(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.done.set()
 
 
-async def run_generation(
-    engine: Engine,
-    slot: int,
-    prompt_tokens: Sequence[int],
-    params: SamplingParams,
-    flag: CancelFlag,
-    *,
-    on_phase: Callable[[Phase], None],
-    on_token: Callable[[str, int], None],
-) -> Outcome:
-    """Generate on ``slot`` in a thread; return what actually happened.
+async def run_engine(engine: Engine) -> None:
+    """Run the engine's step loop in its thread until cancelled; then stop it and wait
+    until every sequence has been finished (never abandon a thread that holds the model)."""
 
-    Cancelling the calling task does not interrupt this call: set ``flag`` to stop the
-    generation; it then returns promptly with a ``cancelled`` outcome.
-    """
-    sink = _TrioSink(trio.lowlevel.current_trio_token(), on_phase, on_token)
-    return await trio.to_thread.run_sync(
-        engine.generate, slot, prompt_tokens, params, flag, sink, abandon_on_cancel=False
-    )
+    async def stop_when_cancelled() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            engine.stop()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_when_cancelled)
+        await trio.to_thread.run_sync(engine.run, abandon_on_cancel=False)
+        nursery.cancel_scope.cancel()

@@ -32,7 +32,7 @@ class Config:
     gpu_device: int | None = None
     n_ctx: int = 4096
     threads: int = attrs.field(factory=lambda: os.cpu_count() or 1)
-    slots: int = 1
+    slots: int = 4
     queue_depth: int = 16
     max_tokens_out: int = 2048
     inference_timeout_s: float = 300.0
@@ -47,6 +47,9 @@ class Config:
     job_history_s: float = 3600.0
     cancel_memory_s: float = 60.0
     cancel_memory_max: int = 100_000
+    cancel_complete_s: float = 5.0  # CONTRACT §4: a cancel is complete within 5 s, worst case
+    step_tokens: int = 128
+    prefix_cache_tokens: int = 4096
     keepalive_s: float = 15.0
     stall_timeout_s: float = 30.0
     shutdown_grace_s: float = 2.0
@@ -98,7 +101,13 @@ _FLAGS: list[tuple[str, str, object, str]] = [
      "context length in tokens (default 4096, or the model's own if smaller)"),
     ("--threads", "threads", _positive_int,
      "threads for decoding and prompt evaluation (default: every core)"),
-    ("--slots", "slots", _positive_int, "concurrent generations (default 1)"),
+    ("--slots", "slots", _positive_int,
+     "jobs generating at once, in one batch (default 4)"),
+    ("--step-tokens", "step_tokens", _positive_int,
+     "prompt tokens evaluated per batch step, shared by joining jobs (default 128)"),
+    ("--prefix-cache-tokens", "prefix_cache_tokens", _non_negative_int,
+     "KV positions kept for prompt prefixes of finished jobs; 0 turns the cache off "
+     "(default 4096)"),
     ("--queue-depth", "queue_depth", _non_negative_int,
      "jobs that may wait beyond the slots (default 16)"),
     ("--max-tokens-out", "max_tokens_out", _positive_int,

@@ -15,13 +15,14 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import trio
 
 from . import logs
-from .bridge import Engine, run_generation
+from .bridge import Engine, Generation, run_engine
 from .config import Config
 from .engine import CancelFlag, Outcome, Phase, SamplingParams
 from .errors import InvalidRequest, JobExists, NotReady, ShuttingDown, WorkerBusy
@@ -68,6 +69,9 @@ class Job:
     started_mono: float = 0.0
     position: int | None = None  # place in the queue while waiting for a slot
     counted: bool = False  # counted in the registry's active jobs
+    cancelled: trio.Event = attrs.field(factory=trio.Event)  # set by the first cancel
+    generation: Generation | None = None  # its sequence in the engine, once started
+    abort: Callable[[], None] | None = None  # tells the engine about the cancel
 
     @property
     def active(self) -> bool:
@@ -82,6 +86,9 @@ class Job:
             self.cancel_requested_at = logs.utc_now()
         self.flag.set()
         self.scope.cancel()
+        self.cancelled.set()
+        if self.abort is not None:
+            self.abort()
         return True
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
@@ -193,7 +200,9 @@ class JobRegistry:
             await trio.sleep_forever()
 
     def attach_engine(self, engine: Engine) -> None:
-        """Start admitting jobs on a loaded engine."""
+        """Run the engine's step loop (in the registry's nursery) and start admitting jobs."""
+        assert self._nursery is not None, "JobRegistry.run() is not running"
+        self._nursery.start_soon(run_engine, engine, name="engine")
         self._free_slots = list(range(engine.n_slots))
         self.engine = engine
 
@@ -365,35 +374,64 @@ class JobRegistry:
             with job.scope:
                 await job.slot_granted.wait()
             if job.slot is None or job.flag.is_set():
-                self._observe_cancel(job, "queued", time.monotonic())
                 return
             job.state = "running"
             job.started_at = logs.utc_now()
             job.started_mono = time.monotonic()
-            assert self.engine is not None
+            engine = self.engine
+            assert engine is not None
             job.emit("started", {
-                "job_id": job.job_id, "model": self.engine.info.name,
+                "job_id": job.job_id, "model": engine.info.name,
                 "started_at": job.started_at, "seed": job.params.seed,
                 "prompt_tokens": len(job.prompt_tokens), "correlation_id": job.correlation_id,
             })
-            self.metrics.tokens_in.inc(len(job.prompt_tokens))
-            try:
-                outcome = await run_generation(
-                    self.engine, job.slot, job.prompt_tokens, job.params, job.flag,
-                    on_phase=lambda phase: setattr(job, "phase", phase),
-                    on_token=lambda text, n: self._on_token(job, text, n),
-                )
-            except Exception as exc:  # an engine bug fails this job only
-                outcome = Outcome(status="failed", phase=job.phase, tokens_out=job.tokens_out,
-                                  decode_time_ms=0.0, stopped_at=time.monotonic(),
-                                  error_code="INTERNAL", error=f"engine error: {exc!r}")
-            if outcome.status == "cancelled":
-                self._observe_cancel(job, outcome.phase, outcome.stopped_at)
+            outcome = await self._generate(job, engine)
         finally:
-            # Synchronous, so no cancellation can interrupt it: the slot is already clean
-            # (the engine cleared it), it goes to the next job, and the terminal event out.
+            # Synchronous, so no cancellation can interrupt it: the engine has freed the
+            # sequence, its slot goes to the next job, and the terminal event goes out
+            # (unless a cancel already sent it).
             self._release(job)
             self._conclude(job, outcome)
+
+    async def _generate(self, job: Job, engine: Engine) -> Outcome:
+        """Run the job's sequence in the engine until the engine has freed it.
+
+        A cancel does not wait for the engine: the job's stream ends at once, and the slot
+        passes on only when the engine reports the sequence gone (by the end of its step).
+        """
+        gen = Generation(job.prompt_tokens, job.params, job.flag,
+                         on_phase=lambda phase: setattr(job, "phase", phase),
+                         on_token=lambda text, n: self._on_token(job, text, n))
+        try:
+            engine.start(gen.request)
+        except Exception as exc:  # an engine bug fails this job only
+            return Outcome(status="failed", phase=job.phase, tokens_out=0, decode_time_ms=0.0,
+                           stopped_at=time.monotonic(), error_code="INTERNAL",
+                           error=f"engine error: {exc!r}")
+        job.generation = gen
+        job.abort = lambda: engine.cancel(gen.request)
+        if job.flag.is_set():  # cancelled between the grant and now
+            engine.cancel(gen.request)
+        with trio.CancelScope(shield=True):  # the engine decides when the sequence is gone
+            await _first_of(gen.done, job.cancelled)
+            if not gen.done.is_set():
+                self._conclude(job, None)  # the cancel's terminal event, now
+                with trio.move_on_after(self.config.cancel_complete_s):
+                    await gen.done.wait()
+        outcome = gen.outcome
+        if outcome is None:
+            logs.log("error", f"The engine did not free job {job.job_id}'s sequence within "
+                     f"{self.config.cancel_complete_s:g} s", level=logging.ERROR,
+                     job_id=job.job_id, correlation_id=job.correlation_id)
+            return Outcome(status="failed", phase=job.phase, tokens_out=job.tokens_out,
+                           decode_time_ms=0.0, stopped_at=time.monotonic(),
+                           error_code="INTERNAL", error="the engine did not stop the job")
+        self.metrics.tokens_in.inc(len(job.prompt_tokens))
+        self.metrics.prefix_cache_hits.inc(outcome.prompt_tokens_cached)
+        if outcome.status == "cancelled" and job.flag.set_at is not None:
+            self.metrics.cancel_freed.labels(phase=outcome.phase).observe(
+                max(0.0, outcome.stopped_at - job.flag.set_at))
+        return outcome
 
     def _on_token(self, job: Job, text: str, tokens_out: int) -> None:
         self.metrics.tokens_out.inc(tokens_out - job.tokens_out)
@@ -403,6 +441,7 @@ class JobRegistry:
             job.pieces += 1
 
     def _observe_cancel(self, job: Job, phase: Phase, stopped_at: float) -> None:
+        """From the cancel to its terminal event: what the client waits for."""
         if job.flag.set_at is not None:
             self.metrics.cancel_latency.labels(phase=phase).observe(
                 max(0.0, stopped_at - job.flag.set_at))
@@ -428,6 +467,8 @@ class JobRegistry:
             job.tokens_out = outcome.tokens_out
         duration = job.finished_mono - job.started_mono if job.started_mono else 0.0
         level = logging.INFO
+        if state == "cancelled":
+            self._observe_cancel(job, job.phase, time.monotonic())
         if state == "completed":
             assert outcome is not None
             job.stop_reason = outcome.stop_reason
@@ -551,3 +592,15 @@ class JobRegistry:
         entry = self._jobs.get(job_id)
         if entry is not None and not entry.active:
             del self._jobs[job_id]
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+
+    async def wait(event: trio.Event, done: trio.CancelScope) -> None:
+        await event.wait()
+        done.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for event in events:
+            nursery.start_soon(wait, event, nursery.cancel_scope)

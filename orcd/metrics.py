@@ -24,7 +24,7 @@ class Metrics:
         self.started_monotonic = time.monotonic()
         self.requests = Counter("worker_requests_total", "Finished /execute jobs by outcome.",
                                 ["outcome"], registry=r)
-        self.tokens_in = Counter("worker_tokens_in_total", "Prompt tokens evaluated.", registry=r)
+        self.tokens_in = Counter("worker_tokens_in_total", "Prompt tokens of jobs that ran (from the prefix cache or evaluated).", registry=r)
         self.tokens_out = Counter("worker_tokens_generated_total", "Tokens generated.",
                                   registry=r)
         self.inference_duration = Histogram(
@@ -37,15 +37,24 @@ class Metrics:
         self.uptime.set_function(lambda: time.monotonic() - self.started_monotonic)
         self.cancel_latency = Histogram(
             "orcd_cancel_latency_seconds",
-            "From a cancel (request, disconnect, deadline, shutdown) being observed to "
-            "generation having stopped.",
+            "From a cancel (request, disconnect, deadline, shutdown) being observed to the "
+            "job's terminal event being sent.",
             ["phase"], buckets=CANCEL_BUCKETS, registry=r)
+        self.cancel_freed = Histogram(
+            "orcd_cancel_freed_seconds",
+            "From a cancel being observed to the engine having freed the job's sequence and "
+            "KV cells (the slot passes on then).",
+            ["phase"], buckets=CANCEL_BUCKETS, registry=r)
+        self.prefix_cache_hits = Counter(
+            "orcd_prefix_cache_hit_tokens_total",
+            "Prompt tokens taken from the prefix cache instead of being evaluated.", registry=r)
         self.active_jobs = Gauge("orcd_active_jobs", "Jobs holding a slot.", registry=r)
         self.queued_jobs = Gauge("orcd_queued_jobs", "Jobs waiting for a slot.", registry=r)
         self.rejected = Counter("orcd_rejected_total", "Requests refused, by error code.",
                                 ["code"], registry=r)
         for phase in ("queued", "prompt", "decode"):
             self.cancel_latency.labels(phase=phase)
+            self.cancel_freed.labels(phase=phase)
         for outcome in ("completed", "cancelled", "failed", "timeout"):
             self.requests.labels(outcome=outcome)
 

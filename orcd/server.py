@@ -49,7 +49,7 @@ class FatalError(OrcdError):
 
 def llama_engine_factory(config: Config, on_progress: Callable[[float], bool]) -> Engine:
     """Load the configured model (or the default one) with llama.cpp; runs in a thread."""
-    from .engine import LlamaEngine
+    from .engine import BatchEngine
     from .models import default_model
 
     path = config.model if config.model is not None else default_model()
@@ -57,7 +57,9 @@ def llama_engine_factory(config: Config, on_progress: Callable[[float], bool]) -
     def on_llama_log(level: int, text: str) -> None:
         logs.log("llama_log", f"llama.cpp: {text}", level=level)
 
-    return LlamaEngine(path, n_ctx=config.n_ctx, threads=config.threads, slots=config.slots,
+    return BatchEngine(path, n_ctx=config.n_ctx, threads=config.threads, slots=config.slots,
+                       step_tokens=config.step_tokens,
+                       prefix_cache_tokens=config.prefix_cache_tokens,
                        gpu_device=config.gpu_device, on_progress=on_progress,
                        on_llama_log=on_llama_log)
 

@@ -21,7 +21,7 @@ import trio
 
 from orcd.bridge import Engine
 from orcd.config import Config
-from orcd.engine import CancelFlag, GenerationSink, LlamaEngine, Outcome, Phase, SamplingParams
+from orcd.engine import BatchEngine, EngineStats, Outcome, Phase, SeqRequest
 from orcd.server import Worker, serve
 
 HOLD_LIMIT_S = 20.0
@@ -56,39 +56,62 @@ class Gate:
 
 
 class GatedEngine:
-    """The real :class:`LlamaEngine`, with gates the test can place on its way."""
+    """The real :class:`BatchEngine`, with gates the test can place on its way.
 
-    def __init__(self, inner: LlamaEngine) -> None:
+    A gate holds the engine thread, so it holds every running sequence at once.
+    """
+
+    def __init__(self, inner: BatchEngine) -> None:
         self.inner = inner
         self.info = inner.info
-        self.at_prompt: Gate | None = None  # before the prompt is evaluated
+        self.at_tokenize: Gate | None = None  # inside admission's tokenization
+        self.at_prompt: Gate | None = None  # when a sequence joins, before its prompt
         self.at_token: dict[int, Gate] = {}  # after the N-th token was reported
-        self.in_decode: Gate | None = None  # inside llama_decode of the prompt
+        self.in_decode: Gate | None = None  # inside llama_decode (through the abort callback)
         self.generations = 0
 
     @property
     def n_slots(self) -> int:
         return self.inner.n_slots
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.inner.tokenize(text)
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = True) -> list[int]:
+        if self.at_tokenize is not None:
+            self.at_tokenize.hold()
+        return self.inner.tokenize(text, special=special, add_bos=add_bos)
+
+    def run(self) -> None:
+        self.inner.run()
+
+    def stop(self) -> None:
+        self.inner.stop()
+
+    def cancel(self, req: SeqRequest) -> None:
+        self.inner.cancel(req)
+
+    def statistics(self) -> EngineStats:
+        return self.inner.statistics()
 
     def close(self) -> None:
         self.inner.close()
 
-    def cached_tokens(self, slot: int) -> int:
-        return self.inner.cached_tokens(slot)
+    def kv_outside_cache(self) -> int:
+        """KV positions held by anything but the prefix cache: 0 whenever no job runs."""
+        stats = self.inner.statistics()
+        return stats.kv_tokens_used - stats.prefix_cache_tokens
 
-    def generate(self, slot: int, prompt_tokens: Sequence[int], params: SamplingParams,
-                 flag: CancelFlag, sink: GenerationSink) -> Outcome:
+    def start(self, req: SeqRequest) -> None:
         self.generations += 1
         gates = self
+        sink = req.sink
 
         class _Sink:
             def phase(self, phase: Phase) -> None:
                 sink.phase(phase)
-                if phase == "prompt" and gates.at_prompt is not None:
-                    gates.at_prompt.hold()
+                if phase == "prompt":
+                    if gates.in_decode is not None:
+                        gates.inner.set_abort_probe(gates.in_decode.hold)
+                    if gates.at_prompt is not None:
+                        gates.at_prompt.hold()
 
             def token(self, text: str, tokens_out: int) -> None:
                 sink.token(text, tokens_out)
@@ -96,13 +119,12 @@ class GatedEngine:
                 if gate is not None:
                     gate.hold()
 
-        decode_gate = self.in_decode
-        if decode_gate is not None:
-            self.inner.set_abort_probe(decode_gate.hold)
-        try:
-            return self.inner.generate(slot, prompt_tokens, params, flag, _Sink())
-        finally:
-            self.inner.set_abort_probe(None)
+            def finished(self, outcome: Outcome) -> None:
+                gates.inner.set_abort_probe(None)
+                sink.finished(outcome)
+
+        req.sink = _Sink()  # the same request object: the registry cancels it by identity
+        self.inner.start(req)
 
 
 def engine_factory(model: Path, holder: list[Any], *, gated: bool = True,
@@ -111,8 +133,10 @@ def engine_factory(model: Path, holder: list[Any], *, gated: bool = True,
     def factory(config: Config, on_progress: Callable[[float], None]) -> Engine:
         if before_load is not None:
             before_load()
-        inner = LlamaEngine(model, n_ctx=config.n_ctx, threads=config.threads,
-                            slots=config.slots, on_progress=on_progress)
+        inner = BatchEngine(model, n_ctx=config.n_ctx, threads=config.threads,
+                            slots=config.slots, step_tokens=config.step_tokens,
+                            prefix_cache_tokens=config.prefix_cache_tokens,
+                            on_progress=on_progress)
         engine: Engine = GatedEngine(inner) if gated else inner
         holder.append(engine)
         return engine

@@ -113,7 +113,7 @@ async def test_tokens_are_valid_utf8_and_join_to_the_whole_output(tiny_model: Pa
 
 
 async def test_health_answers_while_generating(tiny_model: Path) -> None:
-    async with running_worker(tiny_model) as h:
+    async with running_worker(tiny_model, slots=1) as h:  # one slot: busy while it runs
         gate = h.engine.at_token[5] = Gate()
         async with trio.open_nursery() as nursery:
             results: list[list[Event]] = []

@@ -272,6 +272,8 @@ async def test_metrics_expose_the_contract_and_count_finished_jobs(tiny_model: P
     assert delta("worker_requests_total", outcome="cancelled") == 0
     prompt_tokens = plain[0].data["prompt_tokens"] + stopped[0].data["prompt_tokens"]
     assert delta("worker_tokens_in_total") == prompt_tokens
+    # The second job's prompt is the first's: all but its last token come from the cache.
+    assert delta("orcd_prefix_cache_hit_tokens_total") == stopped[0].data["prompt_tokens"] - 1
     tokens_out = terminal(plain).data["tokens_out"] + terminal(stopped).data["tokens_out"]
     assert delta("worker_tokens_generated_total") == tokens_out
     assert delta("worker_inference_duration_seconds_count") == 2
