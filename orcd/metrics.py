@@ -24,7 +24,9 @@ class Metrics:
         self.started_monotonic = time.monotonic()
         self.requests = Counter("worker_requests_total", "Finished /execute jobs by outcome.",
                                 ["outcome"], registry=r)
-        self.tokens_in = Counter("worker_tokens_in_total", "Prompt tokens of jobs that ran (from the prefix cache or evaluated).", registry=r)
+        self.tokens_in = Counter("worker_tokens_in_total",
+                                 "Prompt tokens of jobs that ran (cached or evaluated).",
+                                 registry=r)
         self.tokens_out = Counter("worker_tokens_generated_total", "Tokens generated.",
                                   registry=r)
         self.inference_duration = Histogram(
