@@ -491,3 +491,32 @@ def test_bad_files_raise_model_load_error(tmp_path: Path) -> None:
     broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     with pytest.raises(ModelLoadError, match="llama.cpp could not load"):
         BatchEngine(broken)
+
+
+@pytest.mark.gemma
+def test_gemma_prefix_reuse_past_the_sliding_window(gemma_model: Path) -> None:
+    """Gemma 3's sliding-window layers (512 positions): a cached prompt longer than the
+    window is reused whole and gives the output of a fresh evaluation."""
+    story = ("The lighthouse keeper wrote in his log every night about the sea. " * 50).strip()
+    longer = story + " What did he write about?"
+    drivers: list[Driver] = []
+    try:
+        fresh = Driver(BatchEngine(gemma_model, n_ctx=2048, slots=2))
+        drivers.append(fresh)
+        ref_longer, _ = fresh.run(longer, max_tokens=24)
+        fresh.close()
+        drivers.remove(fresh)
+        d = Driver(BatchEngine(gemma_model, n_ctx=2048, slots=2))
+        drivers.append(d)
+        n_story = len(d.engine.tokenize(story))
+        assert n_story > 600
+        ref_story, _ = d.run(story, max_tokens=24)
+        again, outcome = d.run(story, max_tokens=24)
+        assert outcome.prompt_tokens_cached == n_story - 1 and again == ref_story
+        text, outcome = d.run(longer, max_tokens=24)
+        assert outcome.prompt_tokens_cached == n_story
+        assert text == ref_longer
+        d.assert_only_cache_holds_kv()
+    finally:
+        for driver in drivers:
+            driver.close()
