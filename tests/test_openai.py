@@ -404,6 +404,11 @@ async def test_errors_before_the_stream_are_openai_errors(chat_model: Path) -> N
                                          headers={"X-Job-Id": "a b"})
             assert bad_id.status_code == 400
             assert bad_id.json()["error"]["param"] == "X-Job-Id"
+            surrogate = await h.client.post(
+                "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
+            assert surrogate.status_code == 400
+            assert surrogate.json()["error"]["param"] == "messages[0].content"
             # Busy: the one slot held, no queue -> 429 with Retry-After.
             h.engine.at_token[1] = gate = Gate()
             async with trio.open_nursery() as nursery:

@@ -191,7 +191,18 @@ def _stops(value: Any) -> tuple[str, ...]:
         if not 1 <= len(stop) <= MAX_STOP_CHARS:
             raise V1Error(f"each stop must be 1..{MAX_STOP_CHARS} characters, got {len(stop)}",
                           param="stop")
+        _unicode(stop, "stop")
     return tuple(stops)
+
+
+def _unicode(text: str, param: str) -> str:
+    """``text``, if it is valid Unicode (JSON can carry a lone surrogate, UTF-8 cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise V1Error(f"{param} holds a lone surrogate, which is not valid Unicode",
+                      param=param) from None
+    return text
 
 
 def _messages(value: Any) -> tuple[ChatMessage, ...]:
@@ -213,7 +224,7 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
         if text is None:
             raise V1Error(f"{where}.content must be a string or an array of text parts",
                           param=f"{where}.content")
-        messages.append(ChatMessage(_ROLES[role], text))
+        messages.append(ChatMessage(_ROLES[role], _unicode(text, f"{where}.content")))
     return tuple(messages)
 
 
@@ -224,7 +235,7 @@ def _prompt(value: Any) -> str:
         raise _unsupported("prompt", "more than one prompt per request")
     if not isinstance(value, str) or not value:
         raise V1Error("prompt must be a non-empty string", param="prompt")
-    return value
+    return _unicode(value, "prompt")
 
 
 # -- the model ---------------------------------------------------------------------------
