@@ -20,6 +20,7 @@ from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metada
 
 from orcd.api.chat import ChatMessage, ChatTemplate, tokenize_chat
 
+from .conftest import LogCapture
 from .harness import Gate, Harness, running_worker
 
 # The SDK stops reading a stream at "data: [DONE]" and leaves its byte generators to the GC.
@@ -74,15 +75,20 @@ GEMMA_TEMPLATE = """{{ bos_token }}
 """
 
 
+def with_chat_template(model: Path, out: Path, template: str) -> Path:
+    """A copy of ``model`` with ``template`` as its GGUF ``tokenizer.chat_template``."""
+    reader = gguf.GGUFReader(model)
+    writer = gguf.GGUFWriter(out, arch=reader.fields["general.architecture"].contents())
+    value = MetadataDetails(gguf.GGUFValueType.STRING, template)
+    copy_with_new_metadata(reader, writer, {gguf.Keys.Tokenizer.CHAT_TEMPLATE: value}, [])
+    return out
+
+
 @pytest.fixture(scope="session")
 def chat_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with Gemma's chat template in its GGUF metadata."""
-    out = tmp_path_factory.mktemp("chat") / "tiny-chat.gguf"
-    reader = gguf.GGUFReader(tiny_model)
-    writer = gguf.GGUFWriter(out, arch=reader.fields["general.architecture"].contents())
-    template = MetadataDetails(gguf.GGUFValueType.STRING, GEMMA_TEMPLATE)
-    copy_with_new_metadata(reader, writer, {gguf.Keys.Tokenizer.CHAT_TEMPLATE: template}, [])
-    return out
+    return with_chat_template(tiny_model, tmp_path_factory.mktemp("chat") / "tiny-chat.gguf",
+                              GEMMA_TEMPLATE)
 
 
 def sync_client(h: Harness, **kw: Any) -> openai.OpenAI:
@@ -259,6 +265,19 @@ async def test_a_model_without_a_template_gets_a_plain_transcript(tiny_model: Pa
                                  "Assistant:", max_tokens=6, temperature=0, seed=2,
                                  stop=list(template.stop))
         assert joined(events).lstrip() == reply.choices[0].message.content
+
+
+async def test_a_template_that_does_not_compile_falls_back_to_the_transcript(
+        tiny_model: Path, tmp_path: Path, log_capture: LogCapture) -> None:
+    broken = with_chat_template(tiny_model, tmp_path / "broken.gguf", "{% for m in %}")
+    async with running_worker(broken) as h:
+        async with async_client(h) as client:
+            reply = await client.chat.completions.create(model="broken", messages=HELLO,
+                                                         max_tokens=3)
+        assert reply.choices[0].finish_reason in ("length", "stop")
+        [line] = log_capture.actions("chat_template")
+        assert line["template"] == "transcript" and line["level"] == "warning"
+        assert "does not compile" in line["human"]
 
 
 # -- cancellation ----------------------------------------------------------------------------

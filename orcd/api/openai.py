@@ -13,6 +13,7 @@ duplicate ``X-Job-Id`` (400). docs/openai.md is the user's side of this module.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
+from .. import logs
 from ..errors import (
     InvalidRequest,
     NotReady,
@@ -281,6 +283,11 @@ class _Models:
         if self.engine is not engine or self.card is None:
             card = await trio.to_thread.run_sync(ModelCard.of, engine)
             self.engine, self.card = engine, card
+            template = card.template
+            logs.log("chat_template", f"Chat template for /v1: {template.name}"
+                     + (f" ({template.problem})" if template.problem else ""),
+                     level=logging.WARNING if template.problem else logging.INFO,
+                     template=template.name)
         return engine, self.card
 
 
