@@ -262,6 +262,13 @@ class ModelCard:
         return cls(path.name.removesuffix(".gguf"), created,
                    ChatTemplate.for_model(engine.info, _tokenizer(engine)))
 
+    def require(self, model: str) -> None:
+        """Raise 404 ``model_not_found`` unless ``model`` names this model."""
+        if model != self.id:
+            raise V1Error(f"The model {model!r} does not exist; this worker serves {self.id!r}",
+                          param="model", code="model_not_found", status=404,
+                          orcd_code="MODEL_NOT_FOUND")
+
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": "orcd"}
 
@@ -457,10 +464,7 @@ def register(app: QuartTrio, worker: Worker) -> None:
     @app.get("/v1/models/<path:model>")
     async def v1_model(model: str) -> Response:
         _, card = await models.get(worker)
-        if model != card.id:
-            raise V1Error(f"The model {model!r} does not exist; this worker serves "
-                          f"{card.id!r}", param="model", code="model_not_found", status=404,
-                          orcd_code="MODEL_NOT_FOUND")
+        card.require(model)
         return json_response(card.describe())
 
     async def complete(kind: Kind) -> Response:
@@ -468,10 +472,8 @@ def register(app: QuartTrio, worker: Worker) -> None:
                                           max_tokens_out=config.max_tokens_out)
         job_id = _job_id(kind)
         engine, card = await models.get(worker)
-        if req.model is not None and req.model != card.id:
-            raise V1Error(f"The model {req.model!r} does not exist; this worker serves "
-                          f"{card.id!r}", param="model", code="model_not_found", status=404,
-                          orcd_code="MODEL_NOT_FOUND")
+        if req.model is not None:
+            card.require(req.model)
         tokens: list[int] | None = None
         text, stop = req.prompt, req.stop
         if kind == "chat":
