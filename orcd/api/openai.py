@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import trio
@@ -36,7 +36,7 @@ from ..errors import (
 from ..outbox import StreamEvent
 from . import lifetime
 from .app import json_response
-from .chat import ChatMessage, ChatTemplate, ChatTemplateError, Tokenizer, content_text
+from .chat import ChatMessage, ChatTemplate, ChatTemplateError, content_text
 from .chat import tokenize_chat as _tokenize_chat
 from .native import read_json
 from .schema import MAX_STOP_CHARS, MAX_STOPS, ExecuteRequest, job_id_problem, validate_job_id
@@ -260,7 +260,7 @@ class ModelCard:
         except OSError:
             created = 0
         return cls(path.name.removesuffix(".gguf"), created,
-                   ChatTemplate.for_model(engine.info, _tokenizer(engine)))
+                   ChatTemplate.for_model(engine.info, engine))
 
     def require(self, model: str) -> None:
         """Raise 404 ``model_not_found`` unless ``model`` names this model."""
@@ -271,11 +271,6 @@ class ModelCard:
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": "orcd"}
-
-
-def _tokenizer(engine: Engine) -> Tokenizer:
-    # Every orcd engine's tokenize takes special= and add_bos= (LlamaEngine, BatchEngine).
-    return cast(Tokenizer, engine)
 
 
 @attrs.define(eq=False)
@@ -479,7 +474,7 @@ def register(app: QuartTrio, worker: Worker) -> None:
         if kind == "chat":
             try:
                 prompt = await trio.to_thread.run_sync(
-                    _tokenize_chat, card.template, req.messages, _tokenizer(engine))
+                    _tokenize_chat, card.template, req.messages, engine)
             except ChatTemplateError as exc:
                 raise V1Error(str(exc), param="messages", code="chat_template") from None
             tokens, text = prompt.tokens, prompt.text
