@@ -197,13 +197,14 @@ def test_a_job_cancelled_elsewhere_is_one_error_line(worker: str) -> None:
     try:
         wait_job(worker, "cli-elsewhere", streaming)
         result = client("cancel", "cli-elsewhere", "--url", worker)
-        assert result.returncode == 0 and "cancelling cli-elsewhere (it was running)" in \
-            result.stdout
+        assert result.returncode == 0, result
+        assert "cancelling cli-elsewhere (it was running)" in result.stdout, \
+            (result.stdout, job(worker, "cli-elsewhere"))
         _, err = proc.communicate(timeout=WAIT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate()
     assert proc.returncode == 1
     assert err.splitlines() == [
         "orcd: error: CANCELLED: Job cancelled by client request (client_request)"]
