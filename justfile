@@ -47,6 +47,10 @@ bench *ARGS: model
     {{py}} -m pip install -q -e '.[test,bench]'
     {{py}} bench/bench.py {{ARGS}}
 
+# N workers on 127.0.0.1:8081.. behind HAProxy on 127.0.0.1:8080; Ctrl-C drains them (ARGS: orcd fleet run)
+fleet N="3" *ARGS: model
+    {{venv}}/bin/orcd fleet run {{N}} --model {{model}} --install-haproxy {{ARGS}}
+
 # Randomized, seeded chaos run against a real server (ARGS: --long, --seed N, --model PATH)
 chaos *ARGS: model
     {{py}} bench/chaos.py {{ARGS}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import re
 import select
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -496,11 +498,14 @@ def test_fleet_run_serves_reports_status_and_drains_on_sigint(tiny_model: Path,
          "--serve-args", "--threads 1 --max-tokens-out 4000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=orcd_env())
     front = f"http://127.0.0.1:{port}"
+    output: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [output.put(x) for x in proc.stdout or ()],
+                              daemon=True)
+    reader.start()
     try:
-        lines = []
-        while not lines or not lines[-1].startswith("orcd fleet ready on"):
-            lines.append(read_line(proc, 60).rstrip("\n"))
-            assert proc.poll() is None, lines
+        lines = [output.get(timeout=60).rstrip("\n")]
+        while not lines[-1].startswith("orcd fleet ready on"):
+            lines.append(output.get(timeout=60).rstrip("\n"))
         assert lines[-1].startswith(f"orcd fleet ready on {front}")
         with httpx.Client(base_url=front, timeout=30) as client:
             with client.stream("POST", "/execute",
@@ -525,9 +530,9 @@ def test_fleet_run_serves_reports_status_and_drains_on_sigint(tiny_model: Path,
                 rest = list(events)
         assert rest[-1][0] == "error" and rest[-1][1]["reason"] == "shutdown"
         assert proc.wait(timeout=30) == 0
-        assert proc.stdout is not None
-        tail = proc.stdout.read()
-        assert '"w1": 0, "w2": 0' in tail, tail
+        reader.join(timeout=10)  # it has taken every line once the pipe closed
+        tail = [output.get_nowait() for _ in range(output.qsize())]
+        assert any('"w1": 0, "w2": 0' in line for line in tail), tail
         for p in (port, port + 1, port + 2):
             with socket.socket() as s:
                 assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still open"
@@ -535,3 +540,6 @@ def test_fleet_run_serves_reports_status_and_drains_on_sigint(tiny_model: Path,
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+        reader.join(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
