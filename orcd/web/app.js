@@ -225,7 +225,7 @@ async function send() {
   if (current) return;
   if (!$("prompt").value.trim()) { $("prompt").focus(); return; }
   const jobId = newJobId();
-  const run = { jobId, cancelAt: 0, pieces: 0, firstTokenAt: 0, pending: "", frame: 0, ended: false };
+  const run = { jobId, cancelAt: 0, pieces: 0, firstTokenAt: 0, pending: "", frame: 0, ended: false, accepted: false };
   current = run;
   $("output").replaceChildren();
   $("terminal").hidden = true;
@@ -239,6 +239,7 @@ async function send() {
       showTerminal("error", "REJECTED", await errorLine(resp));
       return;
     }
+    run.accepted = true;
     for await (const event of sseEvents(resp.body)) {
       event.at = performance.now();
       onEvent(run, event);
@@ -257,7 +258,7 @@ async function send() {
     if (run.pending) { $("output").append(run.pending); run.pending = ""; }
     liveStats(run);
     refreshJobs();
-    showRecord(run.jobId);
+    if (run.accepted) showRecord(run.jobId);
   }
 }
 
@@ -316,38 +317,68 @@ async function refreshJobs() {
 
 function renderJobsMessage(text) {
   $("jobs").tBodies[0].replaceChildren();
+  jobRows.clear();
   $("jobs-empty").hidden = false;
   $("jobs-empty").textContent = text;
 }
 
-function progressBar(state, pct) {
-  const fill = el("div", { class: "bar-fill bar-" + state });
-  fill.style.width = pct + "%"; // CSSOM, which the page's CSP allows (a style attribute it would not)
-  return el("div", { class: "progress" },
-    el("div", { class: "bar", title: pct + "%" }, fill),
-    el("span", { class: "bar-label" }, pct + "%"));
+// Rows are kept per job and updated in place, so a Cancel button under the pointer is not
+// replaced by an identical one between mouse-down and mouse-up.
+const jobRows = new Map(); // job_id -> {row, cells, fill, label, key}
+
+function jobRow(jobId) {
+  let entry = jobRows.get(jobId);
+  if (!entry) {
+    const cells = Array.from({ length: 7 }, () => el("td"));
+    cells[0].className = "mono";
+    cells[0].textContent = jobId;
+    cells[2].className = "num mono";
+    cells[4].className = "mono";
+    cells[5].className = "detail";
+    const fill = el("div", { class: "bar-fill" });
+    const label = el("span", { class: "bar-label" });
+    cells[3].append(el("div", { class: "progress" }, el("div", { class: "bar" }, fill), label));
+    entry = { row: el("tr", { dataset: { jobId } }, ...cells), cells, fill, label, key: "" };
+    jobRows.set(jobId, entry);
+  }
+  return entry;
 }
 
 function renderJobs(jobs) {
-  const rows = jobs.slice(0, 100).map((job) => {
+  const shown = jobs.slice(0, 100);
+  const ids = new Set(shown.map((job) => job.job_id));
+  for (const [jobId, entry] of jobRows) {
+    if (!ids.has(jobId)) { entry.row.remove(); jobRows.delete(jobId); }
+  }
+  const tbody = $("jobs").tBodies[0];
+  shown.forEach((job, index) => {
+    const entry = jobRow(job.job_id);
     const pct = Math.round((job.progress || 0) * 100);
     const detail = job.stop_reason || job.cancel_reason || (job.error && job.error.code) || "";
-    const action = ACTIVE.has(job.state)
-      ? el("button", { class: "btn btn-small btn-danger", type: "button", "data-cancel": job.job_id, title: "POST /cancel" }, "cancel")
-      : null;
-    const row = el("tr", { dataset: { jobId: job.job_id, state: job.state } },
-      el("td", { class: "mono" }, job.job_id),
-      el("td", {}, el("span", { class: "state state-" + job.state }, job.state)),
-      el("td", { class: "num mono" }, `${job.tokens_out}/${job.max_tokens}`),
-      el("td", {}, progressBar(job.state, pct)),
-      el("td", { class: "mono" }, fmtClock(job.created_at)),
-      el("td", { class: "detail" }, detail),
-      el("td", {}, action));
-    if (current && job.job_id === current.jobId) row.classList.add("mine");
-    return row;
+    const key = [job.state, job.tokens_out, job.max_tokens, pct, detail].join("|");
+    if (entry.key !== key) {
+      const c = entry.cells;
+      entry.row.dataset.state = job.state;
+      c[1].replaceChildren(el("span", { class: "state state-" + job.state }, job.state));
+      c[2].textContent = `${job.tokens_out}/${job.max_tokens}`;
+      entry.fill.className = "bar-fill bar-" + job.state;
+      entry.fill.style.width = pct + "%"; // CSSOM: the page's CSP allows it, a style attribute not
+      entry.label.textContent = pct + "%";
+      c[4].textContent = fmtClock(job.created_at);
+      c[5].textContent = detail;
+      const active = ACTIVE.has(job.state);
+      if (active && !c[6].firstChild) {
+        c[6].append(el("button", { class: "btn btn-small btn-danger", type: "button",
+                                   "data-cancel": job.job_id, title: "POST /cancel" }, "cancel"));
+      } else if (!active) {
+        c[6].replaceChildren();
+      }
+      entry.key = key;
+    }
+    entry.row.classList.toggle("mine", Boolean(current && job.job_id === current.jobId));
+    if (tbody.children[index] !== entry.row) tbody.insertBefore(entry.row, tbody.children[index] || null);
   });
-  $("jobs").tBodies[0].replaceChildren(...rows);
-  $("jobs-empty").hidden = rows.length > 0;
+  $("jobs-empty").hidden = shown.length > 0;
   $("jobs-empty").textContent = "No jobs yet.";
 }
 
