@@ -113,7 +113,8 @@ class FleetSpec:
 
 
 def _ms(seconds: float) -> str:
-    return f"{round(seconds * 1000)}ms"
+    ms = round(seconds * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
 def _refuse(status: int, code: str, message: str, field: str | None = None,
@@ -233,8 +234,10 @@ def render(spec: FleetSpec) -> str:
         f"downinter {spec.check_interval_ms}ms fall 2 rise 2 "
         "observe layer4 error-limit 1 on-error mark-down",
     ]
-    for w in spec.workers:
-        lines.append(f"    server {w.name} {w.host}:{w.port}")
+    # Ring points derive from each server's id: pinned, every HAProxy given this config
+    # (replicas, reloads) builds the same ring.
+    for i, w in enumerate(spec.workers, start=1):
+        lines.append(f"    server {w.name} {w.host}:{w.port} id {i}")
     lines += [
         "",
         "backend any",
