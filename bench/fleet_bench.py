@@ -75,8 +75,10 @@ def _free_base_port(count: int) -> int:
 
 
 @contextmanager
-def running_fleet(model: Path, workers: int, threads: int) -> Iterator[tuple[str, list[str]]]:
-    """``orcd fleet run`` for the block: (front URI, worker URIs); drained afterwards."""
+def running_fleet(model: Path, workers: int, threads: int
+                  ) -> Iterator[tuple[str, list[str], Path]]:
+    """``orcd fleet run`` for the block: (front URI, worker URIs, run folder); drained
+    afterwards."""
     port = _free_base_port(workers + 1)
     run_dir = Path(tempfile.mkdtemp(prefix="orcd-fleet-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCD_")}
@@ -103,7 +105,7 @@ def running_fleet(model: Path, workers: int, threads: int) -> Iterator[tuple[str
             if time.monotonic() > deadline:
                 raise RuntimeError("the fleet was not ready in 300 s")
         yield (f"http://127.0.0.1:{port}",
-               [f"http://127.0.0.1:{port + 1 + i}" for i in range(workers)])
+               [f"http://127.0.0.1:{port + 1 + i}" for i in range(workers)], run_dir)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -160,11 +162,33 @@ def request_costs(client: httpx.Client, base: str, runs: int) -> dict[str, list[
     return out
 
 
+def haproxy_cpu_s(run_dir: Path) -> float:
+    """CPU seconds (user + system) the fleet's HAProxy has used, from its admin socket's
+    ``show info`` (its pid) and /proc."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(run_dir / "haproxy.sock"))
+        sock.sendall(b"show info\n")
+        info = b""
+        while chunk := sock.recv(65536):
+            info += chunk
+    pid = next(line.split(b":")[1].strip() for line in info.splitlines()
+               if line.startswith(b"Pid:"))
+    fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def token_stream(client: httpx.Client, base: str, tokens: int) -> int:
+    body = {"job_id": f"bench-stream-{random.getrandbits(48):012x}", "seed": 1,
+            "prompt": "Tell me a very long story.", "max_tokens": tokens}
+    with client.stream("POST", f"{base}/execute", json=body) as resp:
+        return sum(1 for name, _at in _events(resp) if name == "token")
+
+
 def measure_fleet(model: Path, *, workers: int = 3, runs: int = 20, threads: int = 1,
-                  requests: int = 200) -> dict[str, Any]:
+                  requests: int = 1000) -> dict[str, Any]:
     """Cancel latency per phase and per-request cost, direct (w1) vs front (HAProxy)."""
     result: dict[str, Any] = {"workers": workers, "runs": runs, "model": str(model)}
-    with running_fleet(model, workers, threads) as (front, worker_uris):
+    with running_fleet(model, workers, threads) as (front, worker_uris, run_dir):
         targets = {"direct": worker_uris[0], "front": front}
         with httpx.Client(timeout=60) as client:
             for phase in ("decode", "prompt"):
@@ -180,6 +204,19 @@ def measure_fleet(model: Path, *, workers: int = 3, runs: int = 20, threads: int
                      for where, base in targets.items()}
             for kind in ("health", "cancel_unknown"):
                 result[f"{kind}_s"] = {w: summary(c[kind]) for w, c in costs.items()}
+            # HAProxy's own CPU per proxied request and per forwarded token frame, less its
+            # idle rate (health checks) over the same time.
+            cpu, t = haproxy_cpu_s(run_dir), now()
+            time.sleep(5.0)
+            idle_rate = (haproxy_cpu_s(run_dir) - cpu) / (now() - t)
+            cpu, t = haproxy_cpu_s(run_dir), now()
+            request_costs(client, front, requests)
+            busy = haproxy_cpu_s(run_dir) - cpu - idle_rate * (now() - t)
+            result["haproxy_cpu_us_per_request"] = max(0.0, busy) / (2 * requests) * 1e6
+            cpu, t = haproxy_cpu_s(run_dir), now()
+            streamed = sum(token_stream(client, front, 1000) for _ in range(3))
+            busy = haproxy_cpu_s(run_dir) - cpu - idle_rate * (now() - t)
+            result["haproxy_cpu_us_per_token"] = max(0.0, busy) / streamed * 1e6
     return result
 
 
@@ -195,6 +232,9 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                        ("cancel_unknown_s", "POST /cancel (unknown id)")):
         cell = result.get(key, {})
         out.append((f"{label} ms p50/p99", ms(cell.get("direct", {})), ms(cell.get("front", {}))))
+    for key in ("haproxy_cpu_us_per_request", "haproxy_cpu_us_per_token"):
+        if key in result:
+            out.append((key.replace("_", " "), "", f"{result[key]:.1f}"))
     return out
 
 
