@@ -76,7 +76,12 @@ def add_commands(sub: Any) -> None:
 def run_command(command: str, args: argparse.Namespace) -> int:
     """Run one client command; its exit code."""
     assert command in COMMANDS, command
-    from .api import Api, ClientError
+    try:
+        from .api import Api, ClientError
+    except ImportError as exc:  # httpx: `orcd serve` alone does not need it
+        print(f"orcd: error: the client commands need {exc.name} (pip install {exc.name})",
+              file=sys.stderr)
+        return 1
 
     url = args.url or os.environ.get("ORCD_URL") or DEFAULT_URL
     token = args.token or os.environ.get("ORCD_TOKEN") or None
