@@ -12,7 +12,6 @@ use a small scripted HTTP worker.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,11 +53,11 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 class Terminal:
     """A shell in a tmux pane: type into it, press keys, read the screen."""
 
-    def __init__(self, socket: str) -> None:
+    def __init__(self, socket: Path) -> None:
         self.socket = socket
 
     def tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, *args], check=True, text=True,
+        return subprocess.run(["tmux", "-S", str(self.socket), *args], check=True, text=True,
                               capture_output=True, timeout=10).stdout
 
     def type(self, line: str) -> None:
@@ -92,20 +90,20 @@ class Terminal:
 
 
 @pytest.fixture
-def terminal() -> Iterator[Terminal]:
+def terminal(tmp_path: Path) -> Iterator[Terminal]:
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (apt-get install tmux): the client's Ctrl-C "
                     "handling is tested in a real terminal")
-    term = Terminal(f"orcd-test-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    term = Terminal(tmp_path / "tmux.sock")  # a tmux server of its own, gone with the test
     env = orcd_env(PS1="$ ", TERM="xterm-256color", HISTFILE="/dev/null")
     env.pop("NO_COLOR", None)
-    subprocess.run(["tmux", "-L", term.socket, "-f", "/dev/null", "new-session", "-d",
+    subprocess.run(["tmux", "-S", str(term.socket), "-f", "/dev/null", "new-session", "-d",
                     "-s", "main", "-x", "200", "-y", "50", "-c", str(ROOT),
                     "bash --norc --noprofile"], check=True, env=env, timeout=10)
     try:
         yield term
     finally:
-        subprocess.run(["tmux", "-L", term.socket, "kill-server"], timeout=10,
+        subprocess.run(["tmux", "-S", str(term.socket), "kill-server"], timeout=10,
                        capture_output=True)
 
 
