@@ -436,7 +436,7 @@ class JobRegistry:
     def _on_token(self, job: Job, text: str, tokens_out: int) -> None:
         self.metrics.tokens_out.inc(tokens_out - job.tokens_out)
         job.tokens_out = tokens_out
-        if text:
+        if text and not job.flag.is_set():  # a cancelled job's stream gets no more tokens
             job.emit("token", {"t": text, "i": job.pieces})
             job.pieces += 1
 

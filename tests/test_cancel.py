@@ -197,7 +197,9 @@ async def test_cancel_queued_job_leaves_the_queue(tiny_model: Path) -> None:
         assert_cancelled(second)
         assert terminal(first).name == "end"
         assert h.engine.generations == 1, "the cancelled queued job never reached the model"
-        assert h.worker.metrics.cancel_latency.labels(phase="queued")._sum.get() >= 0
+        queued_cancels = [s for s in h.worker.metrics.cancel_latency.collect()[0].samples
+                          if s.name.endswith("_count") and s.labels["phase"] == "queued"]
+        assert queued_cancels[0].value == 1, "the queued cancel's latency was observed"
 
 
 async def test_queue_full_is_503_worker_busy_and_duplicate_is_409(tiny_model: Path) -> None:

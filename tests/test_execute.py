@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -107,9 +108,17 @@ async def test_tokens_are_valid_utf8_and_join_to_the_whole_output(tiny_model: Pa
             "job_id": "utf8-1", "prompt": "日本語 é ☃", "max_tokens": 300, "seed": 3,
         }) as resp:
             raw = await resp.aread()
-    raw.decode("utf-8")  # the whole stream is valid UTF-8
-    events = [line for line in raw.decode().split("\n\n") if line]
-    assert events[-1].startswith("event: end")
+    raw.decode("utf-8")  # the whole stream is valid UTF-8 (strict: no stray bytes)
+    frames = [f for f in raw.decode().split("\n\n") if f]
+    assert frames[-1].startswith("event: end")
+    pieces = [json.loads(f.split("data: ", 1)[1])["t"] for f in frames
+              if f.startswith("event: token")]
+    text = "".join(pieces)
+    # The tiny model spells non-ASCII characters over 2-3 byte tokens: a piece sent before
+    # its character was complete would show up as U+FFFD (the decoder's replacement).
+    assert any(ord(c) > 0x7F for c in text), "no multi-byte character was generated"
+    assert "\ufffd" not in text
+    assert all(p.encode("utf-8").decode("utf-8") == p for p in pieces)
 
 
 async def test_health_answers_while_generating(tiny_model: Path) -> None:

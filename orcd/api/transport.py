@@ -51,6 +51,12 @@ class Connections:
     def __len__(self) -> int:
         return len(self._open)
 
+    def blocked(self, for_s: float) -> int:
+        """Connections whose current write has waited ``for_s`` seconds or more."""
+        now = trio.current_time()
+        return sum(1 for s in self._open
+                   if s.writing_since is not None and now - s.writing_since >= for_s)
+
     def was_stalled(self, peer: Peer | None) -> bool:
         return peer is not None and tuple(peer) in self._stalled
 
@@ -94,6 +100,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
             self.peer = parse_socket_addr(inner.socket.family, inner.socket.getpeername())
         except OSError:
             self.peer = None
+        self.writing_since: float | None = None  # trio clock: a write waiting for the socket
         connections._add(self)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -105,11 +112,14 @@ class GuardedStream(trio.abc.HalfCloseableStream):
                 return
             sent = 0
             while sent < len(view):
+                self.writing_since = trio.current_time()
                 with trio.move_on_after(stall_s) as waited:
                     try:
                         sent += await self.socket.send(view[sent:])
                     except OSError as exc:
                         raise trio.BrokenResourceError(str(exc)) from exc
+                    finally:
+                        self.writing_since = None
                 if waited.cancelled_caught:
                     self._connections._stall(self.peer)
                     self.abort()
