@@ -342,6 +342,10 @@ class JobRegistry:
         everything = sorted(self._jobs.values(), key=lambda j: (not j.active, j.created_at))
         return [j for j in everything if state is None or j.state == state]
 
+    def running_jobs(self) -> list[Job]:
+        """Jobs that hold a slot (their sequence may still be leaving the engine)."""
+        return [j for j in self._jobs.values() if isinstance(j, Job) and j.slot is not None]
+
     def statistics(self) -> RegistryStats:
         slots = self.engine.n_slots if self.engine else self.config.slots
         return RegistryStats(slots=slots, running=slots - len(self._free_slots)

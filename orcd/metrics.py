@@ -50,6 +50,16 @@ class Metrics:
         self.prefix_cache_hits = Counter(
             "orcd_prefix_cache_hit_tokens_total",
             "Prompt tokens taken from the prefix cache instead of being evaluated.", registry=r)
+        self.batch_size = Histogram(
+            "orcd_batch_sequences", "Sequences in one engine step (one llama_decode).",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
+        self.step_duration = Histogram(
+            "orcd_step_duration_seconds", "Time of one engine step (one llama_decode).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r)
+        self.step_tokens = Histogram(
+            "orcd_step_tokens", "Tokens in one engine step (decode tokens + prompt chunks).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.active_jobs = Gauge("orcd_active_jobs", "Jobs holding a slot.", registry=r)
         self.queued_jobs = Gauge("orcd_queued_jobs", "Jobs waiting for a slot.", registry=r)
         self.rejected = Counter("orcd_rejected_total", "Requests refused, by error code.",
@@ -63,6 +73,12 @@ class Metrics:
     def track_jobs(self, active: Callable[[], int], queued: Callable[[], int]) -> None:
         self.active_jobs.set_function(lambda: float(active()))
         self.queued_jobs.set_function(lambda: float(queued()))
+
+    def observe_step(self, sequences: int, tokens: int, seconds: float) -> None:
+        """One engine step; called from the engine thread (prometheus_client is thread-safe)."""
+        self.batch_size.observe(sequences)
+        self.step_tokens.observe(tokens)
+        self.step_duration.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -154,9 +154,31 @@ class Worker:
             "load_progress": round(self.load_progress, 4),
             "version": VERSION,
         }
+        if engine is not None:
+            body.update(self._engine_health(engine))
         if h.unhealthy_reason:
             body["unhealthy_reason"] = h.unhealthy_reason
         return body
+
+    def _engine_health(self, engine: Engine) -> dict[str, Any]:
+        """The batch: KV use, the prefix cache and what runs in each slot (CONTRACT §8)."""
+        stats = engine.statistics()
+        jobs_by_slot = {job.slot: job for job in self.registry.running_jobs()}
+        running = []
+        for s in stats.running:
+            job = jobs_by_slot.get(s.slot)
+            running.append({
+                "slot": s.slot, "job_id": job.job_id if job is not None else None,
+                "phase": s.phase, "prompt_tokens": s.prompt_tokens,
+                "prompt_tokens_done": s.prompt_tokens_done, "tokens_out": s.tokens_out})
+        return {
+            "kv_tokens_used": stats.kv_tokens_used,
+            "kv_tokens_total": stats.kv_tokens_total,
+            "prefix_cache_tokens": stats.prefix_cache_tokens,
+            "prefix_cache_entries": stats.prefix_cache_entries,
+            "running": running,
+            "abort_callback": getattr(engine, "abort_callback", "c"),
+        }
 
 
 async def serve(
@@ -298,6 +320,12 @@ async def _load_then_announce(worker: Worker, engine_factory: EngineFactory,
     worker.health_state.refresh_memory()
     if worker.nvml is not None:
         await _check_gpu(worker, engine)
+    if getattr(engine, "abort_callback", "c") != "c":
+        logs.log("startup", "orcd's C abort callback (orcd/_abortflag.c) is not built: a "
+                 "cancel inside a decode waits for Python's GIL. Reinstall orcd with a C "
+                 "compiler present.", level=logging.WARNING, abort_callback="python")
+    if hasattr(engine, "on_step"):
+        engine.on_step = worker.metrics.observe_step
     worker.registry.attach_engine(engine)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_refresh_health, worker, engine)

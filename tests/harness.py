@@ -74,6 +74,18 @@ class GatedEngine:
     def n_slots(self) -> int:
         return self.inner.n_slots
 
+    @property
+    def abort_callback(self) -> str:
+        return self.inner.abort_callback
+
+    @property
+    def on_step(self) -> Callable[[int, int, float], None] | None:
+        return self.inner.on_step
+
+    @on_step.setter
+    def on_step(self, observe: Callable[[int, int, float], None] | None) -> None:
+        self.inner.on_step = observe
+
     def tokenize(self, text: str, *, special: bool = True, add_bos: bool = True) -> list[int]:
         if self.at_tokenize is not None:
             self.at_tokenize.hold()

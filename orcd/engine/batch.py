@@ -196,6 +196,8 @@ class BatchEngine:
         self._token_bytes = TokenBytes(self._vocab)
         self.info = model_info(model, path, n_ctx=self.n_ctx, gpu_device=gpu_device)
 
+        # Called in the engine thread after each decode: (sequences, tokens, seconds).
+        self.on_step: Callable[[int, int, float], None] | None = None
         self._probe: Callable[[], None] | None = None
         self._armed = ctypes.c_ubyte(0)  # the abort byte of the step in llama_decode
 
@@ -207,6 +209,9 @@ class BatchEngine:
 
         self._py_abort = llama_cpp.ggml_abort_callback(_py_abort)
         self._c_abort = c_abort_callback()
+        # "c": the GIL-free callback of orcd/_abortflag.c; "python" if it was not built (a
+        # cancel inside a decode then waits for the GIL between graph nodes).
+        self.abort_callback = "c" if self._c_abort is not None else "python"
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -345,9 +350,13 @@ class BatchEngine:
             self._step = step
             self._steps += 1
             self._running = self._slot_stats(step)
+        t0 = time.monotonic()
         rc = self._decode(step)
         with self._lock:
             self._step = None
+        on_step = self.on_step
+        if on_step is not None:
+            on_step(len(members), step.n_tokens, time.monotonic() - t0)
         self._after_step(step, rc)
         self._publish()
         return True
