@@ -151,7 +151,12 @@ def token_text(model: Any, token: int) -> str:
     """The text of a special token (``<bos>``), or '' when the model has none."""
     if token < 0:
         return ""
-    return bytes(model.token_to_piece(token, True)).decode("utf-8", "replace")
+    import llama_cpp
+
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, True)
+    # (llama-cpp-python's LlamaModel.token_to_piece returns its whole buffer, NULs and all)
+    return buf.raw[: max(n, 0)].decode("utf-8", "replace")
 
 
 def model_info(model: Any, path: Path, *, n_ctx: int, gpu_device: int | None) -> ModelInfo:
