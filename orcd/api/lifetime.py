@@ -28,7 +28,8 @@ def bind(job: Job) -> None:
     job is cancelled (``client_disconnect``, or ``client_stalled`` if the client's socket
     stopped taking bytes). Call it right after ``JobRegistry.submit``, with no checkpoint
     in between."""
-    request.scope.setdefault(_JOBS, []).append(job)
+    scope: dict[str, Any] = request.scope  # type: ignore[assignment]
+    scope.setdefault(_JOBS, []).append(job)
 
 
 class RequestLifetime:
@@ -55,15 +56,16 @@ class RequestLifetime:
             return
         jobs: list[Job] = []
         scope[_JOBS] = jobs
-        peer = tuple(scope["client"]) if scope.get("client") else None
+        client = scope.get("client")
+        peer: tuple[str, int] | None = (client[0], client[1]) if client else None
         self._in_flight[id(scope)] = jobs
-        self._busy[peer] = self._busy.get(peer, 0) + 1  # type: ignore[index]
+        self._busy[peer] = self._busy.get(peer, 0) + 1
         try:
             await self._app(scope, receive, send)
         finally:
             del self._in_flight[id(scope)]
-            self._busy[peer] -= 1  # type: ignore[index]
-            if not self._busy[peer]:  # type: ignore[index]
-                del self._busy[peer]  # type: ignore[arg-type]
+            self._busy[peer] -= 1
+            if not self._busy[peer]:
+                del self._busy[peer]
             for job in jobs:
                 self._on_end(job, scope.get("client"))
