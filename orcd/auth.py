@@ -57,6 +57,11 @@ SYSTEM = Principal(SYSTEM_NAME, "admin")
 ANONYMOUS = Principal(ANONYMOUS_NAME, "admin")
 
 
+def is_valid_name(name: object) -> bool:
+    """Whether ``name`` has the shape of a principal's name (reserved names included)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
 def is_admin(principal: Principal) -> bool:
     return principal.role == "admin"
 

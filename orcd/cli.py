@@ -60,8 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(config: Config) -> int:
     from .bridge import Engine
     from .engine import check_gguf
-    from .server import EngineFactory, FatalError, Worker, llama_engine_factory, serve
+    from .server import (
+        EngineFactory,
+        FatalError,
+        Worker,
+        llama_engine_factory,
+        load_principals,
+        serve,
+    )
 
+    principals = load_principals(config)  # a bad auth file or a public bind fails now
     if config.model is not None:
         check_gguf(config.model)  # a bad path or file fails now, before anything listens
     logs.configure(config.worker_id, config.log_format, config.log_level)
@@ -82,8 +90,8 @@ def _serve(config: Config) -> int:
     async def serve_or_record(task_status: trio.TaskStatus[Worker]) -> None:
         # Caught here, inside the task: a nursery would wrap it in an ExceptionGroup.
         try:
-            await serve(config, engine_factory=factory, handle_signals=True,
-                        task_status=task_status)
+            await serve(config, principals=principals, engine_factory=factory,
+                        handle_signals=True, task_status=task_status)
         except FatalError as exc:
             fatal.append(exc)
 

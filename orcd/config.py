@@ -8,10 +8,12 @@ in the code reads ``os.environ``: the parsed :class:`Config` is passed down expl
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal, TypeAlias
 
 import attrs
 
@@ -21,6 +23,9 @@ from .errors import ConfigError
 from .fleet.cli import add_parser as add_fleet_parser
 
 DEFAULT_PORT = 8080
+
+# --ledger: a file, "none" (no ledger), or "default" (ledger.default_path of the bound port).
+LedgerSetting: TypeAlias = Path | Literal["default", "none"]
 
 
 @attrs.frozen
@@ -53,6 +58,38 @@ class Config:
     keepalive_s: float = 15.0
     stall_timeout_s: float = 30.0
     shutdown_grace_s: float = 2.0
+    auth_file: Path | None = None  # principals and their tokens (orcd/auth.py)
+    public_metrics: bool = False  # /metrics without a token, even with an auth file
+    insecure_no_auth: bool = False  # allow a non-loopback bind without an auth file
+    # Queued + running jobs per principal; None: the queue depth with an auth file, and no
+    # limit of its own without one (the one principal then is every caller).
+    max_active_per_principal: int | None = None
+    ledger: LedgerSetting = "default"
+
+    def active_limit(self, authenticated: bool) -> int | None:
+        """The per-principal limit of queued + running jobs in force, or None for none."""
+        if self.max_active_per_principal is not None:
+            return self.max_active_per_principal
+        return max(1, self.queue_depth) if authenticated else None
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(config: Config) -> None:
+    """Refuse to serve jobs to the network without principals (CONTRACT §10)."""
+    if config.auth_file is None and not config.insecure_no_auth and not is_loopback(config.host):
+        raise ConfigError(
+            f"refusing to bind {config.host} without --auth-file: anyone who can reach it could "
+            "run, see and cancel every job; pass --auth-file PATH, or --insecure-no-auth to "
+            "serve without tokens anyway")
 
 
 def _positive_int(text: str) -> int:
@@ -81,6 +118,10 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise ValueError(f"must be greater than 0, got {text}")
     return value
+
+
+def _ledger(text: str) -> LedgerSetting:
+    return "none" if text == "none" else Path(text)
 
 
 def _url(text: str) -> str:
@@ -134,7 +175,25 @@ _FLAGS: list[tuple[str, str, object, str]] = [
      "send a ': keep-alive' comment after this many seconds of silence (default 15)"),
     ("--stall-timeout-s", "stall_timeout_s", _positive_float,
      "cancel a job whose client takes no bytes for this long (default 30)"),
+    ("--auth-file", "auth_file", Path,
+     "principals and their token digests; every route but /health then needs a bearer "
+     "token (see docs/auth.md)"),
+    ("--max-active-per-principal", "max_active_per_principal", _positive_int,
+     "queued + running jobs one principal may hold; past it 429 QUOTA_EXCEEDED (default: "
+     "the queue depth with --auth-file, no limit of its own without)"),
+    ("--ledger", "ledger", _ledger,
+     "SQLite file of every job record, or 'none' (default: "
+     "$XDG_STATE_HOME/orcd/ledger-PORT.sqlite3)"),
 ]
+
+# (flag, attribute, help): switches without a value; ORCD_<NAME>=1/true/yes/on sets them.
+_SWITCHES: list[tuple[str, str, str]] = [
+    ("--public-metrics", "public_metrics", "serve /metrics without a token (with --auth-file)"),
+    ("--insecure-no-auth", "insecure_no_auth",
+     "allow binding a non-loopback address without --auth-file"),
+]
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 
 _CHOICES = {"log_format": ("json", "text"), "log_level": ("debug", "info", "warning", "error")}
 
@@ -155,12 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
         env = "ORCD_" + attr.upper()
         serve.add_argument(flag, dest=attr, default=None, metavar=attr.upper(),
                            help=f"{help_text} [env {env}]")
+    for flag, attr, help_text in _SWITCHES:
+        env = "ORCD_" + attr.upper()
+        serve.add_argument(flag, dest=attr, action="store_true", default=None,
+                           help=f"{help_text} [env {env}=1]")
     fetch = sub.add_parser("fetch-model", help="write the default model into a folder")
     fetch.error = parser.error  # type: ignore[method-assign]
     fetch.add_argument("--out", default="models", help="folder to write into (default models/)")
     add_token_parser(sub, parser)
     add_commands(sub)
-    add_fleet_parser(sub, parser.error)
+    add_fleet_parser(sub, parser.error)  # type: ignore[arg-type]
     return parser
 
 
@@ -186,6 +249,15 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         if choices is not None and value not in choices:
             raise ConfigError(f"{source}={raw!r}: must be one of {', '.join(choices)}")
         values[attr] = value
+    for _flag, attr, _help in _SWITCHES:
+        if getattr(args, attr, None):
+            values[attr] = True
+            continue
+        name = "ORCD_" + attr.upper()
+        raw = environ.get(name, "")
+        if raw.lower() not in _TRUE + _FALSE:
+            raise ConfigError(f"{name}={raw!r}: must be 1, true, yes, on or 0, false, no, off")
+        values[attr] = raw.lower() in _TRUE
     return Config(**values)  # type: ignore[arg-type]
 
 

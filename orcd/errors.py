@@ -21,6 +21,10 @@ class OrcdError(Exception):
         self.message = message
         self.details = details or {}
 
+    def headers(self) -> dict[str, str]:
+        """Response headers the error's status calls for (``Retry-After``, ...)."""
+        return {}
+
 
 class InvalidRequest(OrcdError):
     """The request body or a field is wrong; ``details.errors`` lists every problem."""
@@ -33,6 +37,35 @@ class InvalidRequest(OrcdError):
             message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         super().__init__(message, details={"errors": errors})
         self.errors = errors
+
+
+class Unauthenticated(OrcdError):
+    """No ``Authorization: Bearer`` token, or one no principal holds (CONTRACT §10)."""
+
+    code = "UNAUTHENTICATED"
+    http_status = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="orcd"'}
+
+
+class Forbidden(OrcdError):
+    """The principal is known but its role does not allow this (a user shutting down)."""
+
+    code = "FORBIDDEN"
+    http_status = 403
+
+
+class QuotaExceeded(OrcdError):
+    """The principal already has ``--max-active-per-principal`` jobs queued or running."""
+
+    code = "QUOTA_EXCEEDED"
+    http_status = 429
+    retriable = True
+    retry_after = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class JobNotFound(OrcdError):
@@ -61,6 +94,9 @@ class Unavailable(OrcdError):
     http_status = 503
     retriable = True
     retry_after = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class NotReady(Unavailable):

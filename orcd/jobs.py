@@ -6,6 +6,11 @@ and llama.cpp's running decode. Every job runs in its own nursery inside the reg
 nursery (which ``serve()`` owns), next to a watcher that turns the deadline, or the
 registry's own cancellation, into the same cancel. Whatever ends a job, ``_finish`` sends
 its one terminal event and closes its stream, shielded, after the slot is clean again.
+
+Job ids are per principal (CONTRACT §10): each principal has its own :class:`_Namespace` of
+jobs, cancel tombstones and finished-job history, each bounded on its own, so one principal's
+traffic can neither reach nor crowd out another's. Every state change of a job goes to the
+ledger, when there is one, which also answers for jobs memory no longer holds.
 """
 
 from __future__ import annotations
@@ -16,21 +21,31 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import trio
 
 from . import logs
+from .auth import ANONYMOUS, ANONYMOUS_NAME, SYSTEM_NAME, Principal
 from .bridge import Engine, Generation, run_engine
 from .config import Config
 from .engine import CancelFlag, Outcome, Phase, SamplingParams
-from .errors import InvalidRequest, JobExists, NotReady, ShuttingDown, WorkerBusy
+from .errors import (
+    InvalidRequest,
+    JobExists,
+    NotReady,
+    QuotaExceeded,
+    ShuttingDown,
+    WorkerBusy,
+)
 from .metrics import Metrics
 from .outbox import Outbox, StreamEvent
 
 if TYPE_CHECKING:
     from .api.schema import ExecuteRequest
+    from .ledger import Ledger
 
 State = Literal["queued", "running", "completed", "cancelled", "failed"]
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
@@ -72,23 +87,31 @@ class Job:
     cancelled: trio.Event = attrs.field(factory=trio.Event)  # set by the first cancel
     generation: Generation | None = None  # its sequence in the engine, once started
     abort: Callable[[], None] | None = None  # tells the engine about the cancel
+    principal: str = ANONYMOUS_NAME  # the owner: job ids are unique per principal
+    cancelled_by: str | None = None  # who asked for the first cancel (SYSTEM_NAME: the worker)
+    on_change: Callable[[Job], None] | None = None  # a state change to record (the ledger)
 
     @property
     def active(self) -> bool:
         return self.state in ACTIVE
 
-    def request_cancel(self, reason: CancelReason) -> bool:
-        """Ask the job to stop; the first reason wins. False if the job had already ended."""
+    def request_cancel(self, reason: CancelReason, by: str) -> bool:
+        """Ask the job to stop on behalf of the principal named ``by``; the first reason (and
+        canceller) wins. False if the job had already ended."""
         if not self.active:
             return False
-        if self.cancel_reason is None:
+        first = self.cancel_reason is None
+        if first:
             self.cancel_reason = reason
+            self.cancelled_by = by
             self.cancel_requested_at = logs.utc_now()
         self.flag.set()
         self.scope.cancel()
         self.cancelled.set()
         if self.abort is not None:
             self.abort()
+        if first and self.on_change is not None:  # after the engine heard of it
+            self.on_change(self)
         return True
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
@@ -117,6 +140,8 @@ class Job:
             "progress": round(self.tokens_out / max_tokens, 4) if max_tokens else 0.0,
             "stop_reason": self.stop_reason,
             "error": self.error,
+            "principal": self.principal,
+            "cancelled_by": self.cancelled_by,
         }
 
 
@@ -129,24 +154,41 @@ class JobRecord:
     created_at: str
     finished_mono: float
     data: dict[str, Any]
+    principal: str = ANONYMOUS_NAME
 
     active = False
 
     @classmethod
     def of(cls, job: Job) -> JobRecord:
         assert job.finished_mono is not None
-        return cls(job.job_id, job.state, job.created_at, job.finished_mono, job.snapshot())
+        return cls(job.job_id, job.state, job.created_at, job.finished_mono, job.snapshot(),
+                   job.principal)
 
     @property
     def cancel_reason(self) -> CancelReason | None:
         reason: CancelReason | None = self.data["cancel_reason"]
         return reason
 
-    def request_cancel(self, reason: CancelReason) -> bool:
+    def request_cancel(self, reason: CancelReason, by: str) -> bool:
         return False
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self.data)
+
+
+@attrs.define(eq=False)
+class _Namespace:
+    """One principal's jobs: ids are unique within it, and its memory is bounded on its own.
+
+    Both kinds of memory are kept oldest first, so forgetting is O(1) amortized.
+    """
+
+    jobs: dict[str, Job | JobRecord] = attrs.field(factory=dict)
+    # Cancels for ids not seen yet: id -> (expiry on the trio clock, who cancelled).
+    tombstones: OrderedDict[str, tuple[float, str]] = attrs.field(factory=OrderedDict)
+    # Finished jobs in the history: id -> when it finished (time.monotonic).
+    finished: OrderedDict[str, float] = attrs.field(factory=OrderedDict)
+    active: int = 0  # queued + running jobs, for --max-active-per-principal
 
 
 @attrs.frozen
@@ -174,20 +216,29 @@ class JobRegistry:
     metrics: Metrics
     engine: Engine | None = None
     draining: bool = False
+    active_limit: int | None = None  # queued + running jobs per principal (None: no limit)
+    ledger: Ledger | None = None  # every state change is recorded there, when set
     _nursery: trio.Nursery | None = None
-    _jobs: OrderedDict[str, Job | JobRecord] = attrs.field(factory=OrderedDict)
+    _spaces: dict[str, _Namespace] = attrs.field(factory=dict)  # principal name -> its jobs
     _waiting: list[Job] = attrs.field(factory=list)
     _free_slots: list[int] = attrs.field(factory=list)
-    # Cancels for ids not seen yet: id -> expiry (trio clock), oldest first.
-    _cancelled_unknown: OrderedDict[str, float] = attrs.field(factory=OrderedDict)
-    # Finished jobs in the history: id -> when it finished (time.monotonic), oldest first.
-    _finished: OrderedDict[str, float] = attrs.field(factory=OrderedDict)
     _n_active: int = 0
     _idle: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
         self._idle.set()
         self.metrics.track_jobs(lambda: self.statistics().running, lambda: len(self._waiting))
+
+    def _space(self, principal: str) -> _Namespace:
+        space = self._spaces.get(principal)
+        if space is None:
+            space = self._spaces[principal] = _Namespace()
+        return space
+
+    @property
+    def _cancelled_unknown(self) -> OrderedDict[str, tuple[float, str]]:
+        """The tombstones of ``anonymous``, every caller when no auth file is configured."""
+        return self._space(ANONYMOUS_NAME).tombstones
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -210,11 +261,12 @@ class JobRegistry:
         """Refuse new jobs, cancel queued ones, give running ones ``grace_s``, then cancel."""
         self.draining = True
         for job in list(self._waiting):
-            job.request_cancel("shutdown")
+            job.request_cancel("shutdown", SYSTEM_NAME)
         with trio.move_on_after(grace_s):
             await self.wait_idle()
-        for entry in list(self._jobs.values()):
-            entry.request_cancel("shutdown")
+        for space in list(self._spaces.values()):
+            for entry in list(space.jobs.values()):
+                entry.request_cancel("shutdown", SYSTEM_NAME)
         with trio.move_on_after(10):
             await self.wait_idle()
 
@@ -224,12 +276,14 @@ class JobRegistry:
     # -- admission -------------------------------------------------------------------
 
     async def submit(self, req: ExecuteRequest, correlation_id: str, *,
-                     tokens: list[int] | None = None) -> Job:
-        """Admit a validated request, or raise the contract's error for refusing it.
+                     tokens: list[int] | None = None, principal: Principal = ANONYMOUS) -> Job:
+        """Admit a validated request as ``principal``'s job, or raise the contract's error
+        for refusing it.
 
         ``tokens``: the prompt already tokenized (the ``/v1`` chat routes tokenize a rendered
         chat template themselves); otherwise ``req.prompt`` is tokenized here.
         """
+        owner = principal.name
         if self.draining:
             raise ShuttingDown("the worker is shutting down and takes no new jobs")
         engine = self.engine
@@ -238,17 +292,27 @@ class JobRegistry:
         if tokens is None:
             tokens = await trio.to_thread.run_sync(engine.tokenize, req.prompt)
         params = self._sampling(req, len(tokens), engine)
+        recorded = await self._recall(owner, req.job_id)  # an id only the ledger remembers
         # Everything below is synchronous: no other request can slip in between the checks.
         if self.draining:
             raise ShuttingDown("the worker is shutting down and takes no new jobs")
         self._forget_expired()
-        existing = self._jobs.get(req.job_id)
+        space = self._space(owner)
+        existing = space.jobs.get(req.job_id)
         if existing is not None:
             what = "is active" if existing.active else "is still remembered"
             raise JobExists(f"job {req.job_id!r} {what}", details={"state": existing.state})
-        pre_cancelled = self._cancelled_unknown.pop(req.job_id, None) is not None
+        if recorded is not None:
+            raise JobExists(f"job {req.job_id!r} is still remembered",
+                            details={"state": recorded["state"]})
+        tombstone = space.tombstones.pop(req.job_id, None)
+        limit = self.active_limit
+        if tombstone is None and limit is not None and space.active >= limit:
+            raise QuotaExceeded(
+                f"{owner} already has {space.active} job(s) queued or running, the limit "
+                f"per principal", details={"active": space.active, "limit": limit})
         queue_full = len(self._waiting) >= self.config.queue_depth
-        if not pre_cancelled and not self._free_slots and queue_full:
+        if tombstone is None and not self._free_slots and queue_full:
             raise WorkerBusy(
                 f"all {engine.n_slots} slot(s) busy and {len(self._waiting)} job(s) queued",
                 details={"queued": len(self._waiting), "queue_depth": self.config.queue_depth},
@@ -258,18 +322,21 @@ class JobRegistry:
             job_id=req.job_id, correlation_id=correlation_id, prompt_tokens=tokens,
             params=params, deadline=trio.current_time() + timeout_s, created_at=logs.utc_now(),
             # started + one piece per token at most: every event of the job always fits.
-            outbox=Outbox(req.job_id, params.max_tokens + 1),
+            outbox=Outbox(req.job_id, params.max_tokens + 1), principal=owner,
         )
-        self._jobs[job.job_id] = job
+        space.jobs[job.job_id] = job
         digest = hashlib.sha256(req.prompt.encode("utf-8")).hexdigest()
         logs.log("execute_start", f"Job {job.job_id} admitted", job_id=job.job_id,
-                 correlation_id=correlation_id, prompt_chars=len(req.prompt),
+                 correlation_id=correlation_id, principal=owner, prompt_chars=len(req.prompt),
                  prompt_tokens=len(tokens), prompt_sha256=digest, max_tokens=params.max_tokens)
-        if pre_cancelled:
-            job.request_cancel("cancelled_before_start")
+        self._record(job)
+        job.on_change = self._record
+        if tombstone is not None:
+            job.request_cancel("cancelled_before_start", tombstone[1])
             self._finish(job, "cancelled")
             return job
         job.counted = True
+        space.active += 1
         self._mark_active(+1)
         if self._free_slots:
             self._grant(job, self._free_slots.pop(0))
@@ -310,41 +377,104 @@ class JobRegistry:
 
     # -- cancellation ----------------------------------------------------------------
 
-    def cancel(self, job_id: str, correlation_id: str) -> str:
-        """Cancel a job in whatever state it is; returns the state the cancel found."""
+    def cancel(self, job_id: str, correlation_id: str, by: Principal = ANONYMOUS,
+               owner: str | None = None) -> str:
+        """Cancel ``owner``'s job (default: the canceller's own) in whatever state it is, on
+        behalf of ``by``; returns the state the cancel found. An id memory does not hold
+        leaves a tombstone in ``owner``'s namespace, never another's."""
+        owner = by.name if owner is None else owner
         self._forget_expired()
-        job = self._jobs.get(job_id)
+        space = self._space(owner)
+        job = space.jobs.get(job_id)
         if job is None:
-            self._remember_unknown_cancel(job_id)
+            self._remember_unknown_cancel(space, job_id, by.name)
             logs.log("cancel_unknown",
                      f"Cancel for unknown job {job_id}; remembered for "
                      f"{self.config.cancel_memory_s:g} s", level=logging.WARNING,
-                     job_id=job_id, correlation_id=correlation_id)
+                     job_id=job_id, correlation_id=correlation_id, principal=owner,
+                     cancelled_by=by.name)
             return "unknown"
         state = job.state
-        if isinstance(job, Job) and job.request_cancel("client_request"):
+        if isinstance(job, Job) and job.request_cancel("client_request", by.name):
             logs.log("cancel", f"Cancelling job {job_id} ({state})", job_id=job_id,
                      correlation_id=correlation_id, job_correlation_id=job.correlation_id,
-                     phase=job.phase)
+                     phase=job.phase, principal=owner, cancelled_by=by.name)
         else:
             logs.log("cancel", f"Cancel for job {job_id} that already ended {state}",
-                     job_id=job_id, correlation_id=correlation_id)
+                     job_id=job_id, correlation_id=correlation_id, principal=owner,
+                     cancelled_by=by.name)
         return state
+
+    async def cancel_or_recall(self, job_id: str, correlation_id: str, by: Principal,
+                               owner: str | None = None) -> str:
+        """:meth:`cancel`, but an id that only the ledger remembers (finished long ago, or
+        by a previous process) answers its recorded state and leaves no tombstone. A job in
+        memory is cancelled before anything else happens: no thread, no checkpoint."""
+        owner = by.name if owner is None else owner
+        if self.ledger is None or self.get(job_id, owner) is not None:
+            return self.cancel(job_id, correlation_id, by, owner)
+        recorded = await self._recall(owner, job_id)
+        if recorded is None or self.get(job_id, owner) is not None:
+            return self.cancel(job_id, correlation_id, by, owner)
+        logs.log("cancel", f"Cancel for job {job_id} that already ended {recorded['state']} "
+                 "(from the ledger)", job_id=job_id, correlation_id=correlation_id,
+                 principal=owner, cancelled_by=by.name)
+        return str(recorded["state"])
 
     # -- reading ---------------------------------------------------------------------
 
-    def get(self, job_id: str) -> Job | JobRecord | None:
+    def get(self, job_id: str, owner: str = ANONYMOUS_NAME) -> Job | JobRecord | None:
+        """``owner``'s job ``job_id`` if memory holds it."""
         self._forget_expired()
-        return self._jobs.get(job_id)
+        space = self._spaces.get(owner)
+        return space.jobs.get(job_id) if space is not None else None
 
-    def jobs(self, state: str | None = None) -> list[Job | JobRecord]:
+    def jobs(self, state: str | None = None, owner: str | None = None
+             ) -> list[Job | JobRecord]:
+        """The jobs memory holds, of ``owner`` (None: every principal), active first."""
         self._forget_expired()
-        everything = sorted(self._jobs.values(), key=lambda j: (not j.active, j.created_at))
+        spaces = (self._spaces.values() if owner is None
+                  else [self._spaces[owner]] if owner in self._spaces else [])
+        everything = sorted((j for space in spaces for j in space.jobs.values()),
+                            key=lambda j: (not j.active, j.created_at))
         return [j for j in everything if state is None or j.state == state]
+
+    async def find(self, job_id: str, owner: str) -> dict[str, Any] | None:
+        """The record of ``owner``'s job: from memory, else from the ledger (in a thread)."""
+        found = self.get(job_id, owner)
+        if found is not None:
+            return found.snapshot()
+        return await self._recall(owner, job_id)
+
+    async def records(self, state: str | None = None, owner: str | None = None
+                      ) -> list[dict[str, Any]]:
+        """Every record within the history: memory's, then the ledger's for the rest."""
+        snapshots = [j.snapshot() for j in self.jobs(state, owner)]
+        ledger = self.ledger
+        if ledger is None:
+            return snapshots
+        older = await trio.to_thread.run_sync(partial(
+            ledger.list, owner, state, since_s=self.config.job_history_s,
+            limit=self.config.job_history))
+        seen = {(s["principal"], s["job_id"]) for s in snapshots}
+        snapshots.extend(_public(r) for r in older if (r["principal"], r["job_id"]) not in seen)
+        snapshots.sort(key=lambda s: s["state"] not in ACTIVE)  # stable: active first
+        return snapshots
+
+    async def _recall(self, owner: str, job_id: str) -> dict[str, Any] | None:
+        """The ledger's record of a job memory does not hold, if within the history."""
+        ledger = self.ledger
+        if ledger is None or self.get(job_id, owner) is not None:
+            return None
+        record = await trio.to_thread.run_sync(ledger.get, owner, job_id)
+        if record is None or record["updated_at"] < time.time() - self.config.job_history_s:
+            return None
+        return _public(record)
 
     def running_jobs(self) -> list[Job]:
         """Jobs that hold a slot (their sequence may still be leaving the engine)."""
-        return [j for j in self._jobs.values() if isinstance(j, Job) and j.slot is not None]
+        return [j for space in self._spaces.values() for j in space.jobs.values()
+                if isinstance(j, Job) and j.slot is not None]
 
     def statistics(self) -> RegistryStats:
         slots = self.engine.n_slots if self.engine else self.config.slots
@@ -366,10 +496,10 @@ class JobRegistry:
         """Turn the deadline, or the registry being cancelled, into a cancel of the job."""
         try:
             await trio.sleep_until(job.deadline)
-            job.request_cancel("deadline")
+            job.request_cancel("deadline", SYSTEM_NAME)
         except trio.Cancelled:
             if job.active:  # the registry itself is being torn down
-                job.request_cancel("shutdown")
+                job.request_cancel("shutdown", SYSTEM_NAME)
             raise
 
     async def _lifecycle(self, job: Job) -> None:
@@ -382,6 +512,7 @@ class JobRegistry:
             job.state = "running"
             job.started_at = logs.utc_now()
             job.started_mono = time.monotonic()
+            self._record(job)
             engine = self.engine
             assert engine is not None
             job.emit("started", {
@@ -506,21 +637,29 @@ class JobRegistry:
             metric, action, level = "failed", "error", logging.ERROR
             human = f"Job {job.job_id} failed: {message}"
         job.state = state
+        self._record(job)
         # The history keeps a small record; the Job itself (its prompt, outbox and scope) is
         # freed once its stream has been read.
-        self._jobs[job.job_id] = JobRecord.of(job)
-        self._finished[job.job_id] = job.finished_mono
-        self._trim_history()
+        space = self._space(job.principal)
+        space.jobs[job.job_id] = JobRecord.of(job)
+        space.finished[job.job_id] = job.finished_mono
+        self._trim_history(space)
         self.metrics.requests.labels(outcome=metric).inc()
         if job.started_mono:
             self.metrics.inference_duration.observe(duration)
         if job.counted:
             job.counted = False
+            space.active -= 1
             self._mark_active(-1)
         logs.log(action, human, level=level, job_id=job.job_id,
-                 correlation_id=job.correlation_id, state=state, tokens_out=job.tokens_out,
-                 phase=job.phase, cancel_reason=job.cancel_reason,
-                 duration_ms=round(duration * 1000, 3))
+                 correlation_id=job.correlation_id, principal=job.principal, state=state,
+                 tokens_out=job.tokens_out, phase=job.phase, cancel_reason=job.cancel_reason,
+                 cancelled_by=job.cancelled_by, duration_ms=round(duration * 1000, 3))
+
+    def _record(self, job: Job) -> None:
+        """Hand the job's state to the ledger (a non-blocking put; never raises)."""
+        if self.ledger is not None:
+            self.ledger.record(job.snapshot())
 
     # -- slots and queue -------------------------------------------------------------
 
@@ -561,41 +700,47 @@ class JobRegistry:
             self._idle = trio.Event()
 
     # -- memory ----------------------------------------------------------------------
-    # Both kinds of memory are kept oldest first, so forgetting is O(1) amortized.
+    # Per principal: ``cancel_memory_max`` tombstones and ``job_history`` finished jobs each.
 
-    def _remember_unknown_cancel(self, job_id: str) -> None:
+    def _remember_unknown_cancel(self, space: _Namespace, job_id: str, by: str) -> None:
         """Remember a cancel for an id not seen yet, for ``cancel_memory_s``; at most
         ``cancel_memory_max`` are kept, the oldest dropped first."""
-        tombstones = self._cancelled_unknown
+        tombstones = space.tombstones
         tombstones.pop(job_id, None)
-        tombstones[job_id] = trio.current_time() + self.config.cancel_memory_s
+        tombstones[job_id] = (trio.current_time() + self.config.cancel_memory_s, by)
         while len(tombstones) > self.config.cancel_memory_max:
             tombstones.popitem(last=False)
 
     def _forget_expired(self) -> None:
         now = trio.current_time()
-        tombstones = self._cancelled_unknown
-        while tombstones:
-            job_id, expiry = next(iter(tombstones.items()))
-            if expiry > now:
-                break
-            del tombstones[job_id]
         horizon = time.monotonic() - self.config.job_history_s
-        while self._finished:
-            job_id, finished = next(iter(self._finished.items()))
-            if finished >= horizon:
-                break
-            self._forget(job_id)
+        for space in self._spaces.values():
+            tombstones = space.tombstones
+            while tombstones:
+                job_id, (expiry, _by) = next(iter(tombstones.items()))
+                if expiry > now:
+                    break
+                del tombstones[job_id]
+            while space.finished:
+                job_id, finished = next(iter(space.finished.items()))
+                if finished >= horizon:
+                    break
+                self._forget(space, job_id)
 
-    def _trim_history(self) -> None:
-        while len(self._finished) > self.config.job_history:
-            self._forget(next(iter(self._finished)))
+    def _trim_history(self, space: _Namespace) -> None:
+        while len(space.finished) > self.config.job_history:
+            self._forget(space, next(iter(space.finished)))
 
-    def _forget(self, job_id: str) -> None:
-        del self._finished[job_id]
-        entry = self._jobs.get(job_id)
+    def _forget(self, space: _Namespace, job_id: str) -> None:
+        del space.finished[job_id]
+        entry = space.jobs.get(job_id)
         if entry is not None and not entry.active:
-            del self._jobs[job_id]
+            del space.jobs[job_id]
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    """A ledger row as ``GET /jobs/{id}`` shows a job: without the ledger's bookkeeping."""
+    return {k: v for k, v in record.items() if k not in ("worker_pid", "updated_at")}
 
 
 async def _first_of(*events: trio.Event) -> None:

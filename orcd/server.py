@@ -2,7 +2,8 @@
 
 :func:`serve` owns every task: the job registry's nursery, hypercorn, the model loader,
 the health refresher and the ready callback. It supports ``nursery.start`` and reports
-the bound port once the server listens (the model may still be loading then).
+the bound port once the server listens and the job ledger is open (the model may still be
+loading then).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -25,11 +27,13 @@ from . import logs
 from .api import create_app
 from .api.lifetime import RequestLifetime
 from .api.transport import Connections, serve_http
+from .auth import AuthFile, Principals
 from .bridge import Engine
-from .config import Config
-from .errors import OrcdError
+from .config import Config, check_exposure
+from .errors import ConfigError, OrcdError
 from .health import HealthState, Nvml
 from .jobs import CancelReason, Job, JobRegistry
+from .ledger import Ledger, default_path
 from .metrics import Metrics
 
 try:
@@ -71,6 +75,7 @@ class Worker:
     config: Config
     registry: JobRegistry
     metrics: Metrics
+    principals: Principals | None = None  # None: no auth file, every caller is `anonymous`
     health_state: HealthState = attrs.field(factory=HealthState)
     load_progress: float = 0.0
     uri: str | None = None
@@ -105,7 +110,7 @@ class Worker:
         stalled = self.connections is not None and self.connections.was_stalled(peer)
         reason: CancelReason = "client_stalled" if stalled else "client_disconnect"
         phase = job.phase
-        if job.request_cancel(reason):
+        if job.request_cancel(reason, job.principal):  # the owner's client went away
             logs.log("client_disconnect", f"Client of job {job.job_id} "
                      f"{'stopped reading' if stalled else 'disconnected'}", job_id=job.job_id,
                      correlation_id=job.correlation_id, phase=phase, reason=reason)
@@ -153,6 +158,7 @@ class Worker:
             "queued_jobs": stats.queued,
             "load_progress": round(self.load_progress, 4),
             "version": VERSION,
+            "ledger": self._ledger_health(),
         }
         if engine is not None:
             body.update(self._engine_health(engine))
@@ -160,15 +166,26 @@ class Worker:
             body["unhealthy_reason"] = h.unhealthy_reason
         return body
 
+    def _ledger_health(self) -> dict[str, Any] | None:
+        """The ledger's state (None without one): serving goes on while it fails."""
+        ledger = self.registry.ledger
+        if ledger is None:
+            return None
+        return {"path": str(ledger.path), **ledger.health().as_dict()}
+
     def _engine_health(self, engine: Engine) -> dict[str, Any]:
-        """The batch: KV use, the prefix cache and what runs in each slot (CONTRACT §8)."""
+        """The batch: KV use, the prefix cache and what runs in each slot (CONTRACT §8).
+
+        With principals, /health needs no token, so it names no job: to a user another
+        principal's job does not exist."""
         stats = engine.statistics()
         jobs_by_slot = {job.slot: job for job in self.registry.running_jobs()}
+        named = self.principals is None
         running = []
         for s in stats.running:
             job = jobs_by_slot.get(s.slot)
             running.append({
-                "slot": s.slot, "job_id": job.job_id if job is not None else None,
+                "slot": s.slot, "job_id": job.job_id if job is not None and named else None,
                 "phase": s.phase, "prompt_tokens": s.prompt_tokens,
                 "prompt_tokens_done": s.prompt_tokens_done, "tokens_out": s.tokens_out})
         return {
@@ -181,9 +198,18 @@ class Worker:
         }
 
 
+def load_principals(config: Config) -> Principals | None:
+    """The auth file's principals (None without one), after checking that a worker without
+    them binds loopback only. Raises :class:`ConfigError` (one line) on either problem."""
+    principals = AuthFile.load(config.auth_file) if config.auth_file is not None else None
+    check_exposure(config)
+    return principals
+
+
 async def serve(
     config: Config,
     *,
+    principals: Principals | None = None,
     engine_factory: EngineFactory = llama_engine_factory,
     nvml_module: Any | None = None,
     handle_signals: bool = False,
@@ -191,12 +217,20 @@ async def serve(
 ) -> None:
     """Run the worker until it is told to shut down, then drain and return.
 
-    Raises :class:`FatalError` when the model cannot be loaded or the ready callback
-    never succeeds; the CLI turns that into one line on stderr and exit code 1.
+    ``principals``: already loaded from ``config.auth_file`` (the CLI does, to fail before
+    anything starts); loaded here when None. Raises :class:`ConfigError` for a bad auth
+    file or an unprotected public bind, and :class:`FatalError` when the ledger cannot be
+    opened, the model cannot be loaded or the ready callback never succeeds; the CLI turns
+    those into one line on stderr and exit code 1.
     """
+    if principals is None:
+        principals = load_principals(config)
+    else:
+        check_exposure(config)
     metrics = Metrics()
-    registry = JobRegistry(config, metrics)
-    worker = Worker(config, registry, metrics)
+    registry = JobRegistry(config, metrics,
+                           active_limit=config.active_limit(principals is not None))
+    worker = Worker(config, registry, metrics, principals=principals)
     worker.connections = connections = Connections(config.stall_timeout_s)
     app = create_app(worker)
     hcfg = HypercornConfig()
@@ -225,10 +259,18 @@ async def serve(
         worker.uri = binds[0]
         port = int(binds[0].rsplit(":", 1)[1])
         logs.log("startup", f"Listening on {worker.uri}", uri=worker.uri, port=port,
-                 version=VERSION)
-        task_status.started(worker)
+                 version=VERSION, principals=len(principals) if principals else 0)
         fatal: list[FatalError] = []
-        nursery.start_soon(_load_then_announce, worker, engine_factory, nvml_module, fatal)
+        # Opened now that the port is known (--port 0 has its own file), before any job.
+        try:
+            registry.ledger = await _open_ledger(config, port)
+        except ConfigError as exc:
+            logs.log("error", f"Cannot open the ledger: {exc.message}", level=logging.ERROR)
+            fatal.append(FatalError(exc.message))
+            worker.request_shutdown("ledger unavailable")
+        task_status.started(worker)
+        if not fatal:
+            nursery.start_soon(_load_then_announce, worker, engine_factory, nvml_module, fatal)
         await worker.wait_shutdown()
         # From here the process has drain_timeout_s + shutdown_grace_s, whatever clients do.
         deadline = trio.current_time() + config.drain_timeout_s + config.shutdown_grace_s
@@ -261,6 +303,8 @@ async def serve(
             with trio.move_on_after(1.0):
                 await http_done.wait()
         nursery.cancel_scope.cancel()
+    if registry.ledger is not None:  # every job has ended: its last records go out now
+        await trio.to_thread.run_sync(registry.ledger.close)
     if worker.engine is not None:
         await trio.to_thread.run_sync(worker.engine.close)
     if worker.nvml is not None:
@@ -268,6 +312,16 @@ async def serve(
     logs.log("shutdown", "Stopped", reason=worker.shutdown_reason)
     if fatal:
         raise fatal[0]
+
+
+async def _open_ledger(config: Config, port: int) -> Ledger | None:
+    """Open ``--ledger`` (in a thread: it takes a file lock and settles a dead predecessor's
+    jobs), or None for ``--ledger none``."""
+    if config.ledger == "none":
+        return None
+    path = default_path(port) if config.ledger == "default" else config.ledger
+    return await trio.to_thread.run_sync(
+        partial(Ledger.open, path, retention_s=config.job_history_s))
 
 
 def _exit_backstop(after_s: float) -> None:

@@ -218,7 +218,8 @@ async def running_worker(model: Path, *, gated: bool = True,
                          wait_ready: bool = True, **overrides: Any
                          ) -> AsyncIterator[Harness]:
     """Serve ``model`` on 127.0.0.1:0 for the block; drain and stop it afterwards."""
-    config = Config(**{"port": 0, "n_ctx": 1024, "threads": 1, "worker_id": "test", **overrides})
+    config = Config(**{"port": 0, "n_ctx": 1024, "threads": 1, "worker_id": "test",
+                       "ledger": "none", **overrides})
     engines: list[Any] = []
     factory = engine_factory(model, engines, gated=gated, before_load=before_load)
     async with trio.open_nursery() as nursery:

@@ -15,7 +15,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .. import logs
-from ..errors import OrcdError, PayloadTooLarge, Unavailable, UnsupportedMediaType
+from ..auth import ANONYMOUS
+from ..errors import OrcdError, PayloadTooLarge, Unauthenticated, UnsupportedMediaType
 from .lifetime import RequestLifetime
 from .schema import CORRELATION_ID_RE
 
@@ -37,8 +38,7 @@ def error_response(err: OrcdError, correlation_id: str) -> Response:
         "code": err.code, "message": err.message, "retriable": err.retriable,
         "details": err.details, "correlation_id": correlation_id,
     }}, err.http_status)
-    if isinstance(err, Unavailable):
-        response.headers["Retry-After"] = str(err.retry_after)
+    response.headers.update(err.headers())
     if isinstance(err, (PayloadTooLarge, UnsupportedMediaType)):
         # The body was refused unread; the connection cannot carry another request.
         response.headers["Connection"] = "close"
@@ -46,16 +46,41 @@ def error_response(err: OrcdError, correlation_id: str) -> Response:
 
 
 def create_app(worker: Worker) -> QuartTrio:
+    from .. import web
+    from . import native, openai
+
     config = worker.config
     app = QuartTrio("orcd")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 30
+    # Routes that hold no job data answer without a token (CONTRACT §10).
+    public = {"/health", *web.ASSETS, *(["/metrics"] if config.public_metrics else [])}
 
     @app.before_request
     async def _correlation() -> None:
         given = request.headers.get("X-Correlation-Id", "")
         g.correlation_id = given if CORRELATION_ID_RE.fullmatch(given) else secrets.token_hex(8)
+
+    @app.before_request
+    async def _authenticate() -> None:
+        """``g.principal``: who the request acts for. Without an auth file, ``anonymous``."""
+        principals = worker.principals
+        if principals is None:
+            g.principal = ANONYMOUS
+            return
+        g.principal = None
+        if request.path in public:
+            return
+        header = request.headers.get("Authorization")
+        g.principal = principals.authenticate(header)  # constant time; the token is not kept
+        if g.principal is None:
+            logs.log("unauthenticated", f"{request.method} {request.path} without a valid "
+                     "bearer token", level=logging.WARNING, correlation_id=g.correlation_id,
+                     authorization="absent" if header is None else "not valid")
+            raise Unauthenticated(
+                "this route needs 'Authorization: Bearer TOKEN'" if header is None
+                else "the bearer token is not valid")
 
     @app.after_request
     async def _echo_correlation(response: Response) -> Response:
@@ -91,13 +116,10 @@ def create_app(worker: Worker) -> QuartTrio:
                  level=logging.ERROR, correlation_id=g.get("correlation_id"))
         return _render(OrcdError("internal error; see the worker's log"))
 
-    from .. import web
-    from . import native, openai
-
     native.register(app, worker)
     openai.register(app, worker)
     web.register(app, worker)
     # Outermost: every job a request binds ends when the request does (lifetime.py).
-    app.asgi_app = worker.lifetime = RequestLifetime(  # type: ignore[method-assign]
+    app.asgi_app = worker.lifetime = RequestLifetime(  # type: ignore[method-assign,assignment]
         app.asgi_app, worker.on_request_end)
     return app

@@ -30,7 +30,6 @@ from ..errors import (
     NotReady,
     OrcdError,
     PayloadTooLarge,
-    Unavailable,
     UnsupportedMediaType,
 )
 from ..outbox import StreamEvent
@@ -38,7 +37,7 @@ from . import lifetime
 from .app import json_response
 from .chat import ChatMessage, ChatTemplate, ChatTemplateError, content_text
 from .chat import tokenize_chat as _tokenize_chat
-from .native import read_json
+from .native import caller, known_owner, owner_named, read_json
 from .schema import MAX_STOP_CHARS, MAX_STOPS, ExecuteRequest, job_id_problem, validate_job_id
 from .sse import JobStream
 
@@ -399,6 +398,9 @@ class ChunkRenderer:
 _ERRORS: dict[str, tuple[int, str, str | None]] = {
     "JOB_EXISTS": (400, "invalid_request_error", "job_exists"),
     "JOB_NOT_FOUND": (404, "invalid_request_error", "job_not_found"),
+    "UNAUTHENTICATED": (401, "invalid_request_error", "invalid_api_key"),
+    "FORBIDDEN": (403, "invalid_request_error", "forbidden"),
+    "QUOTA_EXCEEDED": (429, "rate_limit_error", "quota_exceeded"),
     "WORKER_BUSY": (429, "rate_limit_error", "worker_busy"),
     "NOT_READY": (503, "server_error", "not_ready"),
     "SHUTTING_DOWN": (503, "server_error", "shutting_down"),
@@ -426,8 +428,7 @@ def error_response(err: OrcdError) -> Response:
         param = "X-Job-Id"
     response = json_response({"error": {"message": err.message, "type": kind, "param": param,
                                         "code": code}}, status)
-    if isinstance(err, Unavailable):
-        response.headers["Retry-After"] = str(err.retry_after)
+    response.headers.update(err.headers())
     if isinstance(err, (PayloadTooLarge, UnsupportedMediaType)):
         response.headers["Connection"] = "close"
     return response
@@ -483,7 +484,8 @@ def register(app: QuartTrio, worker: Worker) -> None:
                                  temperature=req.temperature, top_p=req.top_p, stop=stop,
                                  seed=req.seed)
         try:
-            job = await worker.registry.submit(execute, g.correlation_id, tokens=tokens)
+            job = await worker.registry.submit(execute, g.correlation_id, tokens=tokens,
+                                               principal=caller())
         except InvalidRequest as exc:
             first = exc.errors[0]
             param = {"prompt": "messages" if kind == "chat" else "prompt",
@@ -515,8 +517,11 @@ def register(app: QuartTrio, worker: Worker) -> None:
 
     @app.post("/v1/requests/<path:job_id>/cancel")
     async def v1_cancel(job_id: str) -> Response:
+        """``/cancel``'s semantics; an admin names another principal with ``?principal=``."""
         validate_job_id(job_id)
-        state = worker.registry.cancel(job_id, g.correlation_id)
+        owner = known_owner(worker, owner_named(request.args.get("principal")))
+        state = await worker.registry.cancel_or_recall(job_id, g.correlation_id, caller(),
+                                                       owner)
         return json_response({"status": "cancelling", "job_id": job_id, "state": state}, 202)
 
 
