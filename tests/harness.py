@@ -19,6 +19,7 @@ import attrs
 import httpx
 import trio
 
+from orcd.auth import add_token
 from orcd.bridge import Engine
 from orcd.config import Config
 from orcd.engine import BatchEngine, EngineStats, Outcome, Phase, SeqRequest
@@ -210,6 +211,15 @@ async def sse_events(resp: httpx.Response) -> AsyncGenerator[Event, None]:
             assert name is not None, "data line without an event line"
             yield Event(name, json.loads(line[len("data: "):]))
             name = None
+
+
+def make_auth_file(path: Path, **roles: str) -> dict[str, str]:
+    """An auth file with one principal per ``name=role``; returns each one's token."""
+    return {name: add_token(path, name, admin=role == "admin") for name, role in roles.items()}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 @asynccontextmanager
