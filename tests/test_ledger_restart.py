@@ -140,3 +140,36 @@ def test_a_ledger_in_use_is_refused(tiny_model: Path, tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     last = result.stderr.splitlines()[-1]
     assert last.startswith("orcd: error: ledger ") and "in use by another orcd" in last
+
+
+async def test_a_full_disk_is_reported_and_jobs_go_on(tiny_model: Path, tmp_path: Path) -> None:
+    """A ledger that cannot write (its file capped at its current size: SQLite's 'database
+    or disk is full') is logged and shown in /health; jobs run and answer from memory."""
+    import trio
+
+    from orcd.ledger import Ledger
+
+    from .harness import running_worker
+
+    async with running_worker(tiny_model) as h:
+        path = tmp_path / "full.sqlite3"
+        Ledger.open(path, retention_s=3600).close()  # the schema, then no room beyond it
+        with sqlite3.connect(path) as conn:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        ledger = await trio.to_thread.run_sync(lambda: Ledger.open(
+            path, retention_s=3600, writer_pragmas={"max_page_count": pages}))
+        h.worker.registry.ledger = ledger
+        try:
+            for i in range(40):  # more rows than the free space of the table's pages
+                events = await h.execute(job_id=f"full-{i}", prompt="hi", max_tokens=1)
+                assert events[-1].name == "end"
+            await trio.to_thread.run_sync(ledger.flush, 1.0)
+            health = (await h.client.get("/health")).json()
+            assert health["status"] == "ok"
+            assert health["ledger"]["ok"] is False and "full" in health["ledger"]["error"]
+            assert health["ledger"]["pending"] >= 1
+            assert (await h.job("full-39"))["state"] == "completed"
+            assert (await h.execute(job_id="more", prompt="hi", max_tokens=2))[-1].name == "end"
+        finally:
+            h.worker.registry.ledger = None
+            await trio.to_thread.run_sync(ledger.close, 1.0)
