@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from .api.schema import CancelRequest, ExecuteRequest
+from .auth import ANONYMOUS, SYSTEM, AuthFile, Principal, Principals
 from .config import Config
 from .engine import CancelFlag, LlamaEngine, ModelInfo, Outcome, SamplingParams
 from .errors import OrcdError
 from .jobs import Job, JobRegistry
+from .ledger import Ledger
 from .outbox import StreamEvent
 from .server import FatalError, Worker, serve
 
 __all__ = [
+    "ANONYMOUS",
+    "SYSTEM",
+    "AuthFile",
     "CancelFlag",
     "CancelRequest",
     "Config",
@@ -18,10 +23,13 @@ __all__ = [
     "FatalError",
     "Job",
     "JobRegistry",
+    "Ledger",
     "LlamaEngine",
     "ModelInfo",
     "OrcdError",
     "Outcome",
+    "Principal",
+    "Principals",
     "SamplingParams",
     "StreamEvent",
     "Worker",
