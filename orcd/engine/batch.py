@@ -522,7 +522,7 @@ class BatchEngine:
     def _slot_stats(self, step: _Step | None) -> tuple[SlotStats, ...]:
         in_step = {id(s): n for s, n in step.members} if step is not None else {}
         return tuple(
-            SlotStats(slot=s.slot, phase=s.phase, prompt_tokens=len(s.prompt),
+            SlotStats(slot=s.slot, tag=s.req.tag, phase=s.phase, prompt_tokens=len(s.prompt),
                       prompt_tokens_done=s.n_past if s.phase == "prompt" else len(s.prompt),
                       tokens_out=s.tokens_out, step_tokens=in_step.get(id(s), 0))
             for s in self._live
