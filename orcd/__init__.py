@@ -5,7 +5,7 @@ from __future__ import annotations
 from .api.schema import CancelRequest, ExecuteRequest
 from .auth import ANONYMOUS, SYSTEM, AuthFile, Principal, Principals
 from .config import Config
-from .engine import CancelFlag, LlamaEngine, ModelInfo, Outcome, SamplingParams
+from .engine import BatchEngine, CancelFlag, ModelInfo, Outcome, SamplingParams
 from .errors import OrcdError
 from .jobs import Job, JobRegistry
 from .ledger import Ledger
@@ -13,6 +13,7 @@ from .outbox import StreamEvent
 from .server import FatalError, Worker, serve
 
 __all__ = [
+    "BatchEngine",
     "ANONYMOUS",
     "SYSTEM",
     "AuthFile",
@@ -24,7 +25,6 @@ __all__ = [
     "Job",
     "JobRegistry",
     "Ledger",
-    "LlamaEngine",
     "ModelInfo",
     "OrcdError",
     "Outcome",

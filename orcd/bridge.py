@@ -46,11 +46,11 @@ class Generation:
 
     def __init__(self, prompt_tokens: Sequence[int], params: SamplingParams, flag: CancelFlag,
                  *, on_phase: Callable[[Phase], None],
-                 on_token: Callable[[str, int], None]) -> None:
+                 on_token: Callable[[str, int], None], tag: str = "") -> None:
         self._trio = trio.lowlevel.current_trio_token()
         self._on_phase = on_phase
         self._on_token = on_token
-        self.request = SeqRequest(prompt_tokens, params, flag, self)
+        self.request = SeqRequest(prompt_tokens, params, flag, self, tag)
         self.done = trio.Event()  # set once the engine has freed the sequence
         self.outcome: Outcome | None = None
 

@@ -235,11 +235,6 @@ class JobRegistry:
             space = self._spaces[principal] = _Namespace()
         return space
 
-    @property
-    def _cancelled_unknown(self) -> OrderedDict[str, tuple[float, str]]:
-        """The tombstones of ``anonymous``, every caller when no auth file is configured."""
-        return self._space(ANONYMOUS_NAME).tombstones
-
     # -- lifecycle -------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[JobRegistry] = trio.TASK_STATUS_IGNORED
@@ -536,7 +531,7 @@ class JobRegistry:
         """
         gen = Generation(job.prompt_tokens, job.params, job.flag,
                          on_phase=lambda phase: setattr(job, "phase", phase),
-                         on_token=lambda text, n: self._on_token(job, text, n))
+                         on_token=lambda text, n: self._on_token(job, text, n), tag=job.job_id)
         try:
             engine.start(gen.request)
         except Exception as exc:  # an engine bug fails this job only

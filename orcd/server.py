@@ -179,13 +179,11 @@ class Worker:
         With principals, /health needs no token, so it names no job: to a user another
         principal's job does not exist."""
         stats = engine.statistics()
-        jobs_by_slot = {job.slot: job for job in self.registry.running_jobs()}
         named = self.principals is None
         running = []
         for s in stats.running:
-            job = jobs_by_slot.get(s.slot)
             running.append({
-                "slot": s.slot, "job_id": job.job_id if job is not None and named else None,
+                "slot": s.slot, "job_id": s.tag if named and s.tag else None,
                 "phase": s.phase, "prompt_tokens": s.prompt_tokens,
                 "prompt_tokens_done": s.prompt_tokens_done, "tokens_out": s.tokens_out})
         return {

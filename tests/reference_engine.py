@@ -1,4 +1,9 @@
-"""The llama.cpp engine: plain synchronous Python, no trio.
+"""The single-sequence engine orcd served with before batching, kept as a test oracle.
+
+The batch engine's tests compare its decode loop with this one (same sampler chain, stop
+sequences, max_tokens). What follows is its original description.
+
+The llama.cpp engine: plain synchronous Python, no trio.
 
 One :class:`LlamaEngine` holds one model and one llama.cpp context per slot. A generation
 runs on one slot, in whatever thread calls :meth:`LlamaEngine.generate`, and stops when its
@@ -17,23 +22,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ModelLoadError
-from .model import (
+from orcd.engine.model import (
     c_abort_callback,
     effective_n_ctx,
     install_llama_log,
     load_model,
     model_info,
 )
-from .text import TextAssembler
-from .types import (
+from orcd.engine.sampling import make_sampler
+from orcd.engine.text import TextAssembler
+from orcd.engine.types import (
     CancelFlag,
     GenerationSink,
     Outcome,
     Phase,
     SamplingParams,
-    seed32,
 )
+from orcd.errors import ModelLoadError
 
 PROMPT_CHUNK = 128  # tokens per llama_decode call: 128 halves the abort granularity of 256
 # at no measurable cost in prompt speed (64 costs 20 %)
@@ -236,7 +241,6 @@ class _Run:
 
     def execute(self, prompt_tokens: Sequence[int]) -> Outcome:
         import llama_cpp
-        from llama_cpp import _internals
 
         self.sink.phase("prompt")
         n_past = 0
@@ -251,23 +255,8 @@ class _Run:
                 return self._failed(rc)
             n_past += len(chunk)
 
-        p = self.params
-        sampler = _internals.LlamaSampler()
+        sampler = make_sampler(self.params, self.engine.info.vocab_size)
         try:
-            if p.repetition_penalty != 1.0:
-                sampler.add_penalties(
-                    self.engine.info.vocab_size, 64, p.repetition_penalty, 0.0, 0.0)
-            if p.temperature == 0.0:
-                sampler.add_greedy()
-            else:
-                if p.top_k > 0:
-                    sampler.add_top_k(p.top_k)
-                if p.top_p < 1.0:
-                    sampler.add_top_p(p.top_p, 1)
-                if p.min_p > 0.0:
-                    sampler.add_min_p(p.min_p, 1)
-                sampler.add_temp(p.temperature)
-                sampler.add_dist(seed32(p.seed))
             return self._decode_loop(sampler, n_past, llama_cpp)
         finally:
             sampler.close()

@@ -476,12 +476,10 @@ async def test_health_shows_the_four_running_slots(tiny_model: Path) -> None:
         await assert_clean(h)
 
 
-@pytest.mark.xfail(reason="/health pairs the registry's slot numbers with the engine's, which "
-                   "are assigned independently (see the report of issue #8)", strict=False)
 async def test_health_names_the_job_each_slot_runs(tiny_model: Path) -> None:
     """Each ``running`` entry's job_id is the job whose sequence that slot runs (its prompt
     length tells them apart), also when four jobs start at once (five rounds)."""
-    four = {**OTHERS, "o-fib": greedy(PROMPTS[3], 45)}
+    four = {f"len{i}": greedy(f"{PROMPTS[i]}{'.' * (5 * i)}", 45) for i in range(4)}
     n_prompt = {job_id: len(b["prompt"]) + 1 for job_id, b in four.items()}  # bytes + BOS
     assert len(set(n_prompt.values())) == 4
     async with running_worker(tiny_model) as h:

@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
-from orcd.engine import BatchEngine, CancelFlag, LlamaEngine, Outcome, SamplingParams, SeqRequest
+from orcd.engine import BatchEngine, CancelFlag, Outcome, SamplingParams, SeqRequest
 from orcd.engine.sampling import decode_failure
 from orcd.errors import ModelLoadError
+
+from .reference_engine import LlamaEngine
 
 WAIT = 30.0  # seconds; generous, only to turn a hang into a failure
 

@@ -25,6 +25,7 @@ import trio.testing
 
 from orcd import logs
 from orcd.api.schema import CORRELATION_ID_RE
+from orcd.auth import ANONYMOUS_NAME
 from orcd.config import Config
 from orcd.jobs import JobRegistry
 from orcd.metrics import Metrics
@@ -177,7 +178,7 @@ async def test_unknown_cancels_are_capped_oldest_first() -> None:
     registry = JobRegistry(Config(cancel_memory_max=1000, cancel_memory_s=60.0), Metrics())
     for i in range(200_000):
         assert registry.cancel(f"ghost-{i}", "c") == "unknown"
-    tombstones = registry._cancelled_unknown
+    tombstones = registry._spaces[ANONYMOUS_NAME].tombstones
     assert len(tombstones) == 1000
     assert next(iter(tombstones)) == "ghost-199000"  # the newest thousand are kept
     assert "ghost-0" not in tombstones and "ghost-199999" in tombstones
@@ -190,10 +191,10 @@ async def test_tombstones_expire_after_the_cancel_memory(autojump_clock: Any) ->
     registry.cancel("late", "c")
     await trio.sleep(31)
     registry.get("anything")  # reading forgets what expired
-    assert list(registry._cancelled_unknown) == ["late"]
+    assert list(registry._spaces[ANONYMOUS_NAME].tombstones) == ["late"]
     await trio.sleep(30)
     registry.get("anything")
-    assert not registry._cancelled_unknown
+    assert not registry._spaces[ANONYMOUS_NAME].tombstones
 
 
 class _BlockedStream(io.StringIO):

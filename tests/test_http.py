@@ -168,7 +168,7 @@ async def test_jobs_listing_filters_and_orders(tiny_model: Path) -> None:
         assert set(snapshot) == {
             "job_id", "state", "correlation_id", "created_at", "started_at", "finished_at",
             "cancel_requested_at", "cancelled_at", "cancel_reason", "tokens_out", "max_tokens",
-            "progress", "stop_reason", "error"}
+            "progress", "stop_reason", "error", "principal", "cancelled_by"}
         bad = await h.client.get("/jobs", params={"state": "bogus"})
         assert_envelope(bad, 400, "INVALID_REQUEST")
 

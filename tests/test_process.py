@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,9 +36,14 @@ def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_gguf(tmp_path_factory.mktemp("long") / "tiny-16k.gguf", n_ctx=LONG_CTX)
 
 
+_STATE_HOME = tempfile.mkdtemp(prefix="orcd-test-state-")
+
+
 def orcd_env(**extra: str) -> dict[str, str]:
-    """The test's environment without any ORCD_* setting, plus ``extra``."""
+    """The test's environment without any ORCD_* setting, plus ``extra``. Default ledgers
+    go to a temporary state folder, never the user's own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCD_")}
+    env["XDG_STATE_HOME"] = _STATE_HOME
     env.update(extra)
     return env
 

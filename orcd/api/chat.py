@@ -49,7 +49,7 @@ class ChatTemplateError(Exception):
 
 
 class Tokenizer(Protocol):
-    """What rendering needs from an engine: :meth:`orcd.engine.LlamaEngine.tokenize`."""
+    """What rendering needs from an engine: :meth:`orcd.engine.BatchEngine.tokenize`."""
 
     def tokenize(self, text: str, *, special: bool = True, add_bos: bool = True) -> list[int]: ...
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .batch import BatchEngine
-from .llama import LlamaEngine
 from .model import check_gguf
 from .text import TextAssembler
 from .types import (
@@ -25,7 +24,6 @@ __all__ = [
     "CancelFlag",
     "EngineStats",
     "GenerationSink",
-    "LlamaEngine",
     "ModelInfo",
     "Outcome",
     "Phase",

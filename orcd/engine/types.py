@@ -72,6 +72,7 @@ class SeqRequest:
     params: SamplingParams
     flag: CancelFlag
     sink: SeqSink
+    tag: str = ""  # the caller's name for it (the job id), shown in statistics
 
 
 @attrs.frozen
@@ -79,6 +80,7 @@ class SlotStats:
     """One running sequence, as :meth:`BatchEngine.statistics` saw it."""
 
     slot: int
+    tag: str  # the request's tag (the job id)
     phase: Phase
     prompt_tokens: int
     prompt_tokens_done: int  # evaluated or taken from the prefix cache
