@@ -8,7 +8,6 @@ over real sockets; "which worker has it" is always asked of the workers directly
 from __future__ import annotations
 
 import json
-import os
 import queue
 import random
 import re
@@ -31,6 +30,8 @@ import pytest
 from orcd._tinymodel import build_tiny_gguf
 from orcd.fleet.haproxy import FleetSpec, WorkerAddr, render, server_states, workers_in
 
+from .test_process import orcd_env as process_env
+
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY = shutil.which("haproxy")
 LISTENING = re.compile(r"^orcd listening on http://127\.0\.0\.1:(\d+)$")
@@ -52,7 +53,8 @@ def free_port() -> int:
 
 
 def orcd_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("ORCD_")}
+    """The test's environment without ORCD_* settings; default ledgers in a temp folder."""
+    return process_env()
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
