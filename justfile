@@ -51,6 +51,6 @@ bench *ARGS: model
 fleet N="3" *ARGS: model
     {{venv}}/bin/orcd fleet run {{N}} --model {{model}} --install-haproxy {{ARGS}}
 
-# Randomized, seeded chaos run against a real server (ARGS: --long, --seed N, --model PATH)
+# Randomized, seeded chaos run against a real server, hostile clients and a /cancel storm included (ARGS: --quick, --long, --seed N, --model PATH, --storm N)
 chaos *ARGS: model
     {{py}} bench/chaos.py {{ARGS}}
