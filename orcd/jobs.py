@@ -451,7 +451,9 @@ class JobRegistry:
         older = await trio.to_thread.run_sync(partial(
             ledger.list, owner, state, since_s=self.config.job_history_s,
             limit=self.config.job_history))
-        seen = {(s["principal"], s["job_id"]) for s in snapshots}
+        # Memory is the truth for every job it holds, whatever the filter: the ledger's row
+        # of a job memory holds may be older (a finished job's row still says running).
+        seen = {(j.snapshot()["principal"], j.job_id) for j in self.jobs(None, owner)}
         snapshots.extend(_public(r) for r in older if (r["principal"], r["job_id"]) not in seen)
         snapshots.sort(key=lambda s: s["state"] not in ACTIVE)  # stable: active first
         return snapshots

@@ -26,7 +26,7 @@ def gemma_server(gemma_model: Path, tmp_path: Path) -> Iterator[tuple[str, subpr
     log = (tmp_path / "orcd.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "orcd", "serve", "--model", str(gemma_model), "--port", "0",
-         "--n-ctx", "2048", "--worker-id", "e2e"],
+         "--n-ctx", "2048", "--worker-id", "e2e", "--slots", "1", "--ledger", "none"],
         stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         assert proc.stdout is not None

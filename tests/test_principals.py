@@ -275,3 +275,16 @@ def test_a_bad_auth_file_is_one_line(tmp_path: Path) -> None:
                           f"{bad}:1", "bad digest")
     assert_one_error_line(run_cli("serve", "--auth-file", str(tmp_path / "missing")),
                           "auth file not found")
+
+
+async def test_a_finished_job_is_never_listed_by_its_older_ledger_row(tiny_model: Path,
+                                                                       tmp_path: Path) -> None:
+    """Regression (found by the chaos suite): right after a job ended, the ledger's row could
+    still say ``running`` (the writer commits in batches); ``/jobs?state=running`` merged that
+    row in, because only the jobs matching the filter were checked against memory."""
+    async with running_worker(tiny_model, ledger=str(tmp_path / "ledger.sqlite3")) as h:
+        for i in range(20):
+            events = await h.execute(job_id=f"quick-{i}", prompt="x", max_tokens=2)
+            assert events[-1].name == "end"
+            running = (await h.client.get("/jobs", params={"state": "running"})).json()["jobs"]
+            assert [j["job_id"] for j in running] == [], (i, running)

@@ -77,6 +77,8 @@ class Connections:
 
     def _add(self, stream: GuardedStream) -> None:
         self._open.add(stream)
+        # A new connection from a client port that once stalled is a new client.
+        self._stalled.pop(stream.peer, None)  # type: ignore[arg-type]
 
     def _discard(self, stream: GuardedStream) -> None:
         self._open.discard(stream)
