@@ -957,6 +957,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     ap.add_argument("--only", choices=["raw", "orcd", "peer"], action="append",
                     help="measure only these systems (repeatable; default: all three)")
+    ap.add_argument("--sections", default=None, metavar="LIST",
+                    help="comma-separated: base (the single-stream table above), "
+                         "concurrency, cancel-load, turns, sdk, issue7, fleet (default: all; "
+                         "--quick: all but fleet, smaller)")
+    ap.add_argument("--nice", default="5,10,19", metavar="LIST",
+                    help="engine nice values for the priority experiment (default 5,10,19; "
+                         "--quick: the first)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each system, wait up to S seconds for other processes to "
                          "leave the CPU (default: don't wait, just warn)")
@@ -967,6 +974,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     plan = QUICK if args.quick else FULL
     only = set(args.only or ["raw", "orcd", "peer"])
+    from sections import ALL, QUICK_SECTIONS
+
+    chosen = (tuple(x.strip() for x in args.sections.split(",") if x.strip())
+              if args.sections else ("base", *(QUICK_SECTIONS if args.quick else ALL)))
+    unknown = set(chosen) - {"base", *ALL}
+    if unknown:
+        print(f"bench: unknown sections: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 1
+    if "base" not in chosen:
+        only = set()
     logdir = Path(tempfile.mkdtemp(prefix="orcd-bench-"))
     log(f"model {model.name}, {THREADS} threads, {'quick' if args.quick else 'full'} mode; "
         f"server logs in {logdir}")
@@ -979,11 +996,15 @@ def main(argv: list[str] | None = None) -> int:
     if "raw" in only:
         busy["raw"] = wait_quiet(args.wait_quiet, "raw")
         body = bench_raw(model, plan, res, 0)
-    else:
-        from llama_cpp import Llama
+    from llama_cpp import Llama
 
-        vocab = Llama(str(model), vocab_only=True, verbose=False)
-        body = long_prompt(lambda t: list(vocab.tokenize(t.encode(), add_bos=True, special=True)))
+    vocab = Llama(str(model), vocab_only=True, verbose=False)
+
+    def tokenize(text: str) -> list[int]:
+        return list(vocab.tokenize(text.encode(), add_bos=True, special=True))
+
+    if "raw" not in only:
+        body = long_prompt(tokenize)
     for cls in (Orcd, Peer):
         if cls.name not in only:
             continue
@@ -998,15 +1019,28 @@ def main(argv: list[str] | None = None) -> int:
         busy["raw2"] = wait_quiet(args.wait_quiet, "raw")
         bench_raw(model, plan, res, 1)
     summ = build_summary(res)
-    goals = report(summ, res)
+    goals = report(summ, res) if only else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    png = args.out.parent / "cancel_latency.png"
+    pngs = [args.out.parent / "cancel_latency.png"] if only else []
     try:
-        chart(summ, png)
+        for png in pngs:
+            chart(summ, png)
     except Exception as exc:  # noqa: BLE001
         errors.append(f"chart: {exc}")
+    from sections import charts, run_sections
+
+    nices = tuple(int(x) for x in args.nice.split(",") if x.strip())
+    extra, tables = run_sections(model, logdir, ROOT, tuple(c for c in chosen if c != "base"),
+                                 args.quick, tokenize, body, nices)
+    errors += extra.pop("errors")
+    try:
+        pngs += charts(extra, args.out.parent)
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"charts: {exc}")
+    for t in tables:
+        print("\n" + t)
     doc = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full", "plan": asdict(plan),
         "machine": machine(),
         "model": {"path": str(model), "size_bytes": model.stat().st_size},
@@ -1018,9 +1052,11 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "busy_before": busy, "foreign_cpu": res.foreign_cpu,
         "summary": summ, "goals": goals, "samples": asdict(res),
+        "sections": list(chosen), "tables_markdown": tables, **extra,
     }
     args.out.write_text(json.dumps(doc, indent=1))
-    print(f"\nresults: {args.out}\nchart:   {png}\ntook {doc['duration_s']} s")
+    print(f"\nresults: {args.out}\ncharts:  {', '.join(map(str, pngs))}\n"
+          f"took {doc['duration_s']} s")
     for e in errors:
         print(f"ERROR {e}", file=sys.stderr)
     return 1 if errors else 0

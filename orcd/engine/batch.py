@@ -145,6 +145,34 @@ class _Kv:
         return hi - lo + 1 if hi >= 0 else 0
 
 
+def _lower_priority(nice: int) -> None:
+    """Give this thread, and the compute threads that its decodes use, ``nice`` (Linux).
+
+    On a machine with few cores llama.cpp's threads take every core, and the event loop
+    waits for the scheduler before it can answer ``/health`` or a cancel. Linux keeps a
+    nice value per thread and a new thread inherits its creator's. ggml's compute threads
+    are created by the thread that decodes: an OpenMP team per calling thread (libgomp
+    keeps one pool per master thread), or a threadpool per graph without OpenMP. The model's
+    warm-up decode ran in the loader thread, which may be this very thread (a reused worker
+    thread), so its pool may already exist at the old value: every thread of the process
+    but the main one (the event loop's) that runs at a higher priority than asked is
+    lowered too; idle helper threads cost nothing at any value.
+    """
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    main = threading.main_thread().native_id
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return
+    for tid in tids:
+        if tid != main:
+            try:
+                if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except OSError:
+                pass  # the thread exited
+
+
 class BatchEngine:
     """A GGUF model in one llama.cpp context, generating for up to ``slots`` jobs at once."""
 
@@ -160,6 +188,7 @@ class BatchEngine:
         gpu_device: int | None = None,
         on_progress: Callable[[float], bool | None] | None = None,
         on_llama_log: Callable[[int, str], None] | None = None,
+        nice: int = 0,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -171,6 +200,7 @@ class BatchEngine:
         self.n_ctx = effective_n_ctx(model, n_ctx)
         self.step_tokens = step_tokens
         self._slots = slots
+        self.nice = nice  # the engine threads' nice value, set by run() (0: unchanged)
         n_entries = CACHE_ENTRIES_PER_SLOT * slots
         threads = threads or os.cpu_count() or 1
         params = llama_cpp.llama_context_default_params()
@@ -312,6 +342,8 @@ class BatchEngine:
 
     def run(self) -> None:
         """The step loop; returns after :meth:`stop`, every sequence finished."""
+        if self.nice:
+            _lower_priority(self.nice)
         try:
             while self._next_step():
                 pass
