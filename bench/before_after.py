@@ -48,8 +48,10 @@ def variants(model: Path, logdir: Path, root: Path, nices: tuple[int, ...],
 
     out: list[Proc] = []
     if with_before:
-        env = dict(os.environ, PYTHONPATH=str(before_worktree(root)))
-        out.append(Proc("before", "orcd", lambda p: before_command(model, p), logdir, env=env))
+        tree = before_worktree(root)
+        env = dict(os.environ, PYTHONPATH=str(tree))  # and run there: `-m` puts cwd first
+        out.append(Proc("before", "orcd", lambda p: before_command(model, p), logdir, env=env,
+                        cwd=tree))
     out.append(Proc("after", "orcd", lambda p: orcd_command(model, p), logdir))
     for n in nices:
         out.append(Proc(f"after nice {n}", "orcd",

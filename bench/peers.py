@@ -111,8 +111,8 @@ class Proc:
     """One server process on loopback; ``kind`` is orcd | llama-server | llama_cpp.server."""
 
     def __init__(self, name: str, kind: str, command: Callable[[int], list[str]], logdir: Path,
-                 env: dict[str, str] | None = None) -> None:
-        self.name, self.kind, self.logdir = name, kind, logdir
+                 env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
+        self.name, self.kind, self.logdir, self.cwd = name, kind, logdir, cwd
         self.port = free_port()
         self.cmd = command(self.port)
         self.env = env
@@ -127,7 +127,7 @@ class Proc:
 
     def start(self, timeout: float = 240.0) -> Proc:
         err = open(self.logdir / f"{self.name}.stderr", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=err,
                                      stdin=subprocess.DEVNULL, env=self.env)
         err.close()
         deadline = now() + timeout
