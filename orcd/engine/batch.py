@@ -489,7 +489,7 @@ class BatchEngine:
 
     def _sample(self, seq: _Seq, index: int) -> None:
         """Sample ``seq``'s next token from the step's logits at batch ``index`` and report
-        it, exactly as LlamaEngine's decode loop does."""
+        it, exactly as the single-sequence engine did (tests/reference_engine.py)."""
         import llama_cpp
 
         token = seq.sampler.sample(self._ctx, index)
