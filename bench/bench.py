@@ -960,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=None, metavar="LIST",
                     help="comma-separated: base (the single-stream table above), "
                          "concurrency, cancel-load, turns, sdk, issue7, fleet (default: all; "
-                         "--quick: all but fleet, smaller)")
+                         "--quick: base only; --quick --sections X: X with few repetitions)")
     ap.add_argument("--nice", default="5,10,19", metavar="LIST",
                     help="engine nice values for the priority experiment (default 5,10,19; "
                          "--quick: the first)")

@@ -126,10 +126,17 @@ class Proc:
         return self.kind == "orcd"
 
     def start(self, timeout: float = 240.0) -> Proc:
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
         err = open(self.logdir / f"{self.name}.stderr", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=err,
-                                     stdin=subprocess.DEVNULL, env=self.env)
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=subprocess.DEVNULL,
+                                     stderr=err, stdin=subprocess.DEVNULL, env=self.env)
         err.close()
+
+    def wait_ready(self, timeout: float = 240.0) -> Proc:
+        assert self.proc is not None
         deadline = now() + timeout
         path = "/v1/models" if self.kind == "llama_cpp.server" else "/health"
         while True:
