@@ -42,6 +42,8 @@ import attrs
 from .errors import ConfigError
 from .logs import log, utc_now
 
+CACHE_KIB = 256  # each connection's SQLite page cache
+
 SCHEMA_VERSION = 1
 
 # The record columns, in table order; the first 14 are the fields of GET /jobs/{id}.
@@ -308,6 +310,7 @@ class Ledger:
             if conn is None:
                 conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
                                        timeout=2.0, check_same_thread=False)
+                conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
                 conn.row_factory = sqlite3.Row
             rows = [_decode(row) for row in conn.execute(sql, params)]
         except sqlite3.Error as exc:
@@ -487,6 +490,9 @@ def _connect_writer(path: Path, pragmas: Mapping[str, int | str]) -> sqlite3.Con
     conn = sqlite3.connect(path, timeout=2.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")  # WAL: a commit survives kill -9, not power loss
+    # The writer only appends and upserts: a small page cache (SQLite's default is 2 MiB)
+    # keeps the worker's memory flat as the file grows.
+    conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     for name, value in pragmas.items():
         if not name.isidentifier() or not (isinstance(value, int) or value.isalnum()):
             raise ValueError(f"bad writer PRAGMA {name} = {value!r}")
