@@ -62,7 +62,7 @@ def llama_engine_factory(config: Config, on_progress: Callable[[float], bool]) -
         logs.log("llama_log", f"llama.cpp: {text}", level=level)
 
     return BatchEngine(path, n_ctx=config.n_ctx, threads=config.threads, slots=config.slots,
-                       step_tokens=config.step_tokens,
+                       step_tokens=config.step_tokens, nice=config.engine_nice,
                        prefix_cache_tokens=config.prefix_cache_tokens,
                        gpu_device=config.gpu_device, on_progress=on_progress,
                        on_llama_log=on_llama_log)
