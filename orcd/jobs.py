@@ -468,11 +468,6 @@ class JobRegistry:
             return None
         return _public(record)
 
-    def running_jobs(self) -> list[Job]:
-        """Jobs that hold a slot (their sequence may still be leaving the engine)."""
-        return [j for space in self._spaces.values() for j in space.jobs.values()
-                if isinstance(j, Job) and j.slot is not None]
-
     def statistics(self) -> RegistryStats:
         slots = self.engine.n_slots if self.engine else self.config.slots
         return RegistryStats(slots=slots, running=slots - len(self._free_slots)

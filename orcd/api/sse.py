@@ -32,25 +32,20 @@ def native_frame(event: StreamEvent) -> bytes:
 
 
 class JobStream:
-    """The async iterator Quart sends as the body of a streaming response.
-
-    ``written`` turns true only when Quart asks for the chunk after the terminal frame,
-    which it does once the terminal frame has been written to the socket.
-    """
+    """The async iterator Quart sends as the body of a streaming response; it ends after
+    the terminal frame."""
 
     def __init__(self, job: Job, keepalive_s: float, render: Render = native_frame) -> None:
         self._job = job
         self._keepalive_s = keepalive_s
         self._render = render
         self._terminal_sent = False
-        self.written = False
 
     def __aiter__(self) -> JobStream:
         return self
 
     async def __anext__(self) -> bytes:
         if self._terminal_sent:
-            self.written = True
             raise StopAsyncIteration
         while True:
             event: StreamEvent | None = None
@@ -67,5 +62,4 @@ class JobStream:
             if chunk:
                 return chunk
             if self._terminal_sent:
-                self.written = True
                 raise StopAsyncIteration
