@@ -190,6 +190,19 @@ class Harness:
         assert resp.status_code == 200, resp.text
         return resp.json()
 
+    async def settled(self) -> None:
+        """Wait until no job holds a slot or waits for one.
+
+        A cancel's terminal event goes out at once; the slot passes on only when the engine
+        has freed the sequence, at the end of its step. KV checks come after this.
+        """
+        with trio.fail_after(10):
+            while True:
+                stats = self.worker.registry.statistics()
+                if stats.running == 0 and stats.queued == 0:
+                    return
+                await trio.sleep(0.005)
+
     async def wait_state(self, job_id: str, *states: str) -> dict[str, Any]:
         with trio.fail_after(10):
             while True:

@@ -38,6 +38,7 @@ def assert_cancelled(events: list[Event], reason: str = "client_request") -> Non
 
 
 async def assert_slot_clean_and_next_job_runs(h: Harness, job_id: str) -> None:
+    await h.settled()
     assert h.engine.kv_outside_cache() == 0, "the cancelled job's KV cells were not freed"
     health = (await h.client.get("/health")).json()
     assert health["active_jobs"] == 0 and health["queued_jobs"] == 0
@@ -327,6 +328,7 @@ async def test_memory_returns_to_baseline_after_many_cancels(tiny_model: Path) -
             events = await cancel_held(h, gate, f"cyc-{i}",
                                        {"prompt": LONG_PROMPT, "max_tokens": 400})
             assert_cancelled(events)
+            await h.settled()
             assert h.engine.kv_outside_cache() == 0
         grown = rss_bytes() - baseline
         assert grown < 16 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 30 cancels"

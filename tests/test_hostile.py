@@ -125,6 +125,7 @@ async def test_a_client_that_stops_reading_is_cancelled_as_stalled(tiny_model: P
                 received += chunk
         assert b"event: token" in received and b"CANCELLED" not in received
         await silent.aclose()
+        await h.settled()
         assert h.engine.kv_outside_cache() == 0
         after = await h.execute(job_id="after-stall", prompt="x", max_tokens=3)
         assert after[-1].name == "end"
@@ -148,6 +149,7 @@ async def test_a_disconnect_during_admission_cancels_the_job(tiny_model: Path) -
         assert record["state"] == "cancelled", record
         assert record["cancel_reason"] == "client_disconnect"
         assert record["tokens_out"] < 900
+        await h.settled()
         health = (await h.client.get("/health")).json()
         assert health["active_jobs"] == 0
         assert h.worker.open_streams() == 0
