@@ -164,11 +164,12 @@ def test_four_concurrent_sequences_match_each_alone(make_engine: Callable[..., D
 def test_sampling_and_stops_match_the_single_sequence_engine(
         tiny_model: Path, make_engine: Callable[..., Driver]) -> None:
     """The batch engine's decode loop has LlamaEngine's semantics: seeded sampling with
-    top_k/top_p/min_p, repetition penalty, stop sequences (not sent), max_tokens."""
+    top_k/top_p/min_p, repetition penalty, greedy, stop sequences (not sent), max_tokens."""
     cases: list[dict[str, Any]] = [
         {"temperature": 0.8, "seed": 5, "top_k": 40, "top_p": 0.9},
         {"temperature": 1.0, "seed": 11, "min_p": 0.05, "repetition_penalty": 1.3},
         {"temperature": 0.0, "seed": 1, "repetition_penalty": 1.5},
+        {"temperature": 0.0, "seed": 1},  # the batch engine's argmax against llama's greedy
     ]
     single = LlamaEngine(tiny_model, n_ctx=2048, threads=1)
     try:

@@ -60,7 +60,7 @@ from .sampling import (
     DECODE_OK,
     TokenBytes,
     decode_failure,
-    make_sampler,
+    sequence_sampler,
 )
 from .text import TextAssembler
 from .types import EngineStats, Outcome, Phase, SeqRequest, SlotStats
@@ -396,7 +396,7 @@ class BatchEngine:
     def _join(self, req: SeqRequest) -> None:
         slot = self._free_slots.pop(0)
         seq = _Seq(req=req, slot=slot, prompt=tuple(req.prompt_tokens),
-                   sampler=make_sampler(req.params, self.info.vocab_size),
+                   sampler=sequence_sampler(req.params, self.info.vocab_size),
                    text=TextAssembler(req.params.stop))
         self._live.append(seq)
         req.sink.phase("prompt")

@@ -38,6 +38,38 @@ def make_sampler(params: SamplingParams, n_vocab: int) -> Any:
     return sampler
 
 
+def sequence_sampler(params: SamplingParams, n_vocab: int) -> Any:
+    """The sampler the batch engine uses for one sequence: :class:`GreedyArgmax` where it
+    picks the same tokens as :func:`make_sampler`'s chain, faster; else that chain."""
+    if params.temperature == 0.0 and params.repetition_penalty == 1.0:
+        return GreedyArgmax(n_vocab)
+    return make_sampler(params, n_vocab)
+
+
+class GreedyArgmax:
+    """Temperature 0 without a repetition penalty: the first highest logit, read straight from
+    the step's logits row.
+
+    llama.cpp's greedy sampler picks the same token (its first strict maximum) but first
+    copies the whole vocabulary into a candidates array: with Gemma's 262k entries that took
+    ~1.5 ms per token on the development machine, against ~0.2 ms here. It has no state, so
+    nothing is accepted or freed.
+    """
+
+    def __init__(self, n_vocab: int) -> None:
+        self._n_vocab = n_vocab
+
+    def sample(self, ctx: Any, index: int) -> int:
+        import llama_cpp
+        import numpy as np
+
+        row = llama_cpp.llama_get_logits_ith(ctx.ctx, index)
+        return int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
+
+    def close(self) -> None:
+        pass
+
+
 class TokenBytes:
     """A token's bytes as the model's vocabulary spells them (no special-token text)."""
 
