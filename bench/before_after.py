@@ -5,10 +5,10 @@ Variants, every one a real ``orcd serve`` process with its default settings:
 * ``before`` -- the previous release (commit 3ae4f10: one generation at a time), checked out
   into a temporary worktree (``git worktree add``) and run with this venv and
   ``PYTHONPATH`` at that worktree;
-* ``after`` -- this checkout (continuous batching, 4 slots);
-* ``nice N`` -- this checkout whose engine threads run at nice N (``BatchEngine(nice=N)``
-  through bench/nice_serve.py): on 2 cores llama.cpp's threads take both, and the HTTP
-  loop (nice 0) then gets the CPU first when it has work.
+* ``after`` -- this checkout (continuous batching, 4 slots, ``--engine-nice 10``);
+* ``after --engine-nice N`` -- this checkout whose engine threads run at nice N: on 2 cores
+  llama.cpp's threads take both, and the HTTP loop (nice 0) gets the CPU first when it has
+  work only if they run at a higher nice value.
 
 Per variant and round (variants interleaved, round after round): ``/health`` latency
 polled every 20 ms while one job decodes; cancel -> ``error CANCELLED`` in three phases
@@ -54,7 +54,7 @@ def variants(model: Path, logdir: Path, root: Path, nices: tuple[int, ...],
                         cwd=tree))
     out.append(Proc("after", "orcd", lambda p: orcd_command(model, p), logdir))
     for n in nices:
-        out.append(Proc(f"after nice {n}", "orcd",
+        out.append(Proc(f"after --engine-nice {n}", "orcd",
                         functools.partial(orcd_command, model, nice=n), logdir))
     return out
 

@@ -961,9 +961,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: base (the single-stream table above), "
                          "concurrency, cancel-load, turns, sdk, issue7, fleet (default: all; "
                          "--quick: base only; --quick --sections X: X with few repetitions)")
-    ap.add_argument("--nice", default="5,10,19", metavar="LIST",
-                    help="engine nice values for the priority experiment (default 5,10,19; "
-                         "--quick: the first)")
+    ap.add_argument("--nice", default="0,19", metavar="LIST",
+                    help="--engine-nice values to compare with orcd's default (10) in the "
+                         "issue #7 section (default 0,19; --quick: the first)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each system, wait up to S seconds for other processes to "
                          "leave the CPU (default: don't wait, just warn)")

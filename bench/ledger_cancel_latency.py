@@ -16,6 +16,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -50,7 +51,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def main(rounds: int) -> None:
+async def _measure(rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_gguf(Path(tmp) / "tiny.gguf", n_ctx=1024)
         base = dict(model=model, port=0, n_ctx=1024, threads=1, slots=2, worker_id="bench")
@@ -78,10 +79,20 @@ async def main(rounds: int) -> None:
                 await client.aclose()
             for worker in workers.values():
                 worker.request_shutdown("bench over")
+    return {"rounds": rounds, "ledger_rows_written": written, "seconds": times}
+
+
+def measure(rounds: int) -> dict[str, Any]:
+    """``rounds`` timed cancels on each worker: ``{"seconds": {name: [...]}, ...}``."""
+    return trio.run(_measure, rounds)
+
+
+def main(rounds: int) -> None:
+    res = measure(rounds)
     print(f"POST /cancel of a running job, request to 202, {rounds} rounds each "
-          f"(ledger rows written: {written})")
+          f"(ledger rows written: {res['ledger_rows_written']})")
     print(f"{'':16}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
-    for name, values in times.items():
+    for name, values in res["seconds"].items():
         print(f"{name:16}{pct(values, 0.5):10.3f}{pct(values, 0.99):10.3f}"
               f"{statistics.fmean(values) * 1000:10.3f}")
 
@@ -89,4 +100,4 @@ async def main(rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=200)
-    trio.run(main, parser.parse_args().rounds)
+    main(parser.parse_args().rounds)

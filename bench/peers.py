@@ -43,13 +43,12 @@ def free_port() -> int:
 
 # -- commands -------------------------------------------------------------------------------
 
-def orcd_command(model: Path, port: int, *, slots: int = 4, nice: int = 0,
+def orcd_command(model: Path, port: int, *, slots: int = 4, nice: int | None = None,
                  extra: tuple[str, ...] = ()) -> list[str]:
-    """``orcd serve`` on ``port``; ``nice`` != 0 goes through bench/nice_serve.py."""
-    head = ([sys.executable, str(ROOT / "bench" / "nice_serve.py"), str(nice)] if nice
-            else [sys.executable, "-m", "orcd"])
-    return [*head, "serve", "--model", str(model), "--port", str(port), "--slots", str(slots),
-            "--log-format", "json", *extra]
+    """``orcd serve`` on ``port``; ``nice``: its ``--engine-nice`` (None: orcd's default)."""
+    flags = ("--engine-nice", str(nice)) if nice is not None else ()
+    return [sys.executable, "-m", "orcd", "serve", "--model", str(model), "--port", str(port),
+            "--slots", str(slots), "--log-format", "json", *flags, *extra]
 
 
 def before_command(model: Path, port: int) -> list[str]:

@@ -6,9 +6,10 @@
 * ``cancel-load`` -- cancel one of four running jobs: orcd, llama-server (concurrency.py);
 * ``turns``       -- a chat's second turn, prefix reuse: orcd, llama-server (turns.py);
 * ``sdk``         -- the openai SDK closing a stream: orcd, llama_cpp.server (turns.py);
-* ``issue7``      -- issue #7's figures before (3ae4f10) / after, and the engine threads'
-  nice value (before_after.py);
-* ``fleet``       -- cancel latency direct vs through HAProxy (fleet_bench.py).
+* ``issue7``      -- issue #7's figures before (3ae4f10) / after, and other
+  ``--engine-nice`` values (before_after.py);
+* ``fleet``       -- cancel latency direct vs through HAProxy (fleet_bench.py);
+* ``ledger``      -- ``POST /cancel`` with and without the ledger (ledger_cancel_latency.py).
 
 Returns the results (raw samples included) and the markdown tables; draws
 ``bench/concurrency.png`` and ``bench/issue7.png``.
@@ -22,9 +23,9 @@ from typing import Any
 import before_after
 import concurrency
 import turns
-from peers import Proc, llama_server_binary, log, orcd_command, table
+from peers import Proc, llama_server_binary, log, ms, orcd_command, p50_p99, table
 
-ALL = ("concurrency", "cancel-load", "turns", "sdk", "issue7", "fleet")
+ALL = ("concurrency", "cancel-load", "turns", "sdk", "issue7", "fleet", "ledger")
 QUICK_SECTIONS: tuple[str, ...] = ()  # --quick stays a < 3 min smoke run of `base`
 
 
@@ -109,10 +110,18 @@ def run_sections(model: Path, logdir: Path, root: Path, sections: tuple[str, ...
         except Exception as exc:  # noqa: BLE001
             errors.append(f"fleet: {type(exc).__name__}: {exc}")
             log(f"ERROR {errors[-1]}")
-    md.append("### Ledger on / off\n\n" + table(
-        ("ledger", "POST /cancel -> CANCELLED ms p50 / p99"),
-        [("off", "(measured by the ledger's engineer)"),
-         ("on", "(measured by the ledger's engineer)")]))
+    if "ledger" in sections:
+        try:
+            import ledger_cancel_latency
+
+            res["ledger"] = ledger_cancel_latency.measure(rounds=20 if quick else 300)
+            md.append("### POST /cancel with and without the ledger (issue #10)\n\n" + table(
+                ("worker", "POST /cancel of a running job -> 202, ms p50 / p99"),
+                [(name, ms(p50_p99(values), 2))
+                 for name, values in res["ledger"]["seconds"].items()]))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"ledger: {type(exc).__name__}: {exc}")
+            log(f"ERROR {errors[-1]}")
     res["errors"] = errors
     return res, md
 

@@ -54,7 +54,7 @@ class Config:
     cancel_memory_max: int = 100_000
     cancel_complete_s: float = 5.0  # CONTRACT §4: a cancel is complete within 5 s, worst case
     step_tokens: int = 128
-    engine_nice: int = 0
+    engine_nice: int = 10
     prefix_cache_tokens: int = 4096
     keepalive_s: float = 15.0
     stall_timeout_s: float = 30.0
@@ -155,8 +155,8 @@ _FLAGS: list[tuple[str, str, object, str]] = [
     ("--step-tokens", "step_tokens", _positive_int,
      "prompt tokens evaluated per batch step, shared by joining jobs (default 128)"),
     ("--engine-nice", "engine_nice", _nice,
-     "nice value 0-19 of the engine's threads, so the HTTP loop wins the CPU when it needs "
-     "it; 19 suits a dedicated machine (default 0: unchanged)"),
+     "nice value 0-19 of the engine's threads, so the HTTP loop (cancels, /health) wins the "
+     "CPU when it needs it; 0 shares the CPU evenly with other programs (default 10)"),
     ("--prefix-cache-tokens", "prefix_cache_tokens", _non_negative_int,
      "KV positions kept for prompt prefixes of finished jobs; 0 turns the cache off "
      "(default 4096)"),
