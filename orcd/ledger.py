@@ -13,7 +13,8 @@ and retried with a backoff; the caller never sees an exception after :meth:`Ledg
 
 Reads: :meth:`Ledger.get` and :meth:`Ledger.list` are plain blocking methods for a worker thread
 (``trio.to_thread.run_sync``), on their own read-only connections (WAL mode lets them run beside
-the writer). They see what has been committed, up to one batch window behind ``record``.
+the writer); a burst of concurrent reads opens what it needs, and ``IDLE_READERS`` of them are
+kept afterwards. They see what has been committed, up to one batch window behind ``record``.
 
 Recovery: :meth:`Ledger.open` takes an exclusive lock on ``<path>.lock`` (one process per
 ledger), then settles what a killed predecessor left active: a queued or running job whose cancel
@@ -43,6 +44,7 @@ from .errors import ConfigError
 from .logs import log, utc_now
 
 CACHE_KIB = 256  # each connection's SQLite page cache
+IDLE_READERS = 2  # read-only connections kept between reads
 
 SCHEMA_VERSION = 1
 
@@ -168,6 +170,7 @@ class Ledger:
     _lock_file: IO[str] | None = None
     _readers: queue.SimpleQueue[sqlite3.Connection] = attrs.field(
         init=False, factory=queue.SimpleQueue)
+    _readers_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _pid: int = attrs.field(init=False, factory=os.getpid)
     # `_dropped` is written by the caller's thread only, the rest by the writer; read anywhere.
     _dropped: int = attrs.field(init=False, default=0)
@@ -302,24 +305,39 @@ class Ledger:
         self.close()
 
     def _read(self, sql: str, params: tuple[Any, ...]) -> builtins.list[dict[str, Any]]:
+        conn: sqlite3.Connection | None = None
         try:
-            conn = self._readers.get_nowait()
-        except queue.Empty:
-            conn = None
-        try:
-            if conn is None:
-                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                       timeout=2.0, check_same_thread=False)
-                conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-                conn.row_factory = sqlite3.Row
+            conn = self._acquire_reader()
             rows = [_decode(row) for row in conn.execute(sql, params)]
         except sqlite3.Error as exc:
             if conn is not None:
                 conn.close()
             self._fail(f"read failed: {exc}")
             return []
-        self._readers.put(conn)
+        self._release_reader(conn)
         return rows
+
+    def _acquire_reader(self) -> sqlite3.Connection:
+        """An idle read-only connection, or a new one when every kept one is in use."""
+        try:
+            return self._readers.get_nowait()
+        except queue.Empty:
+            pass
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                               timeout=2.0, check_same_thread=False)
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _release_reader(self, conn: sqlite3.Connection) -> None:
+        """Keep ``conn`` for the next read, unless IDLE_READERS are kept already: a burst of
+        concurrent reads opens as many connections as it needs, and each kept one holds its
+        page cache, so the pool must not stay at the burst's size."""
+        with self._readers_lock:
+            if self._readers.qsize() < IDLE_READERS:
+                self._readers.put(conn)
+                return
+        conn.close()
 
     # -- the writer thread ------------------------------------------------------------
 

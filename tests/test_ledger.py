@@ -135,6 +135,37 @@ async def test_reads_from_the_event_loop_go_through_a_thread(ledger: Ledger) -> 
     assert len(listed) == 5
 
 
+def test_a_burst_of_concurrent_reads_keeps_only_a_few_connections(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each kept read connection holds its page cache: after 8 reads at once, only
+    IDLE_READERS stay open (the pool used to keep all 8, and RSS crept up in chaos runs)."""
+    import threading
+
+    import orcd.ledger
+
+    ledger.record(snap("job-1", "completed"))
+    assert ledger.flush()
+    together = threading.Barrier(8, timeout=10)
+    decode = orcd.ledger._decode
+
+    def decode_together(row: Any) -> dict[str, Any]:
+        together.wait()  # every reader holds its own connection here
+        return decode(row)
+
+    monkeypatch.setattr(orcd.ledger, "_decode", decode_together)
+    got: list[dict[str, Any] | None] = []
+    readers = [threading.Thread(target=lambda: got.append(ledger.get("alice", "job-1")))
+               for _ in range(8)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(10)
+    assert [r and r["state"] for r in got] == ["completed"] * 8
+    assert ledger._readers.qsize() == orcd.ledger.IDLE_READERS
+    monkeypatch.setattr(orcd.ledger, "_decode", decode)
+    assert ledger.get("alice", "job-1") is not None  # a kept connection still reads
+
+
 def test_writer_commits_in_batches(ledger: Ledger, path: Path) -> None:
     """1000 records of distinct jobs while the writer waits: a couple of commits, not 1000."""
     with writes_blocked(path):
