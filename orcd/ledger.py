@@ -168,8 +168,7 @@ class Ledger:
     _stopping: threading.Event = attrs.field(init=False, factory=threading.Event)
     _hurry: threading.Event = attrs.field(init=False, factory=threading.Event)  # write now
     _lock_file: IO[str] | None = None
-    _readers: queue.SimpleQueue[sqlite3.Connection] = attrs.field(
-        init=False, factory=queue.SimpleQueue)
+    _readers: builtins.list[sqlite3.Connection] = attrs.field(init=False, factory=list)
     _readers_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _pid: int = attrs.field(init=False, factory=os.getpid)
     # `_dropped` is written by the caller's thread only, the rest by the writer; read anywhere.
@@ -289,11 +288,10 @@ class Ledger:
         if self._thread.is_alive():
             log("ledger_error", f"Ledger writer did not stop within {timeout} s; "
                 f"{self.health().pending} records may be lost", level=logging.WARNING)
-        while True:
-            try:
-                self._readers.get_nowait().close()
-            except queue.Empty:
-                break
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -319,10 +317,9 @@ class Ledger:
 
     def _acquire_reader(self) -> sqlite3.Connection:
         """An idle read-only connection, or a new one when every kept one is in use."""
-        try:
-            return self._readers.get_nowait()
-        except queue.Empty:
-            pass
+        with self._readers_lock:
+            if self._readers:
+                return self._readers.pop()
         conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
                                timeout=2.0, check_same_thread=False)
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
@@ -334,8 +331,8 @@ class Ledger:
         concurrent reads opens as many connections as it needs, and each kept one holds its
         page cache, so the pool must not stay at the burst's size."""
         with self._readers_lock:
-            if self._readers.qsize() < IDLE_READERS:
-                self._readers.put(conn)
+            if len(self._readers) < IDLE_READERS:
+                self._readers.append(conn)
                 return
         conn.close()
 

@@ -161,7 +161,7 @@ def test_a_burst_of_concurrent_reads_keeps_only_a_few_connections(
     for t in readers:
         t.join(10)
     assert [r and r["state"] for r in got] == ["completed"] * 8
-    assert ledger._readers.qsize() == orcd.ledger.IDLE_READERS
+    assert len(ledger._readers) == orcd.ledger.IDLE_READERS
     monkeypatch.setattr(orcd.ledger, "_decode", decode)
     assert ledger.get("alice", "job-1") is not None  # a kept connection still reads
 
