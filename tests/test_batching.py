@@ -156,7 +156,7 @@ async def health(h: Harness) -> dict[str, Any]:
 
 async def assert_clean(h: Harness) -> None:
     """Every job gone: no slot, no queue, no KV cell outside the bounded prefix cache."""
-    await until(lambda: h.worker.registry.statistics().running == 0, "a slot stayed taken")
+    await h.settled()  # no slot taken, nothing queued
     body = await health(h)
     assert body["active_jobs"] == 0 and body["queued_jobs"] == 0 and body["running"] == []
     budget = h.worker.config.prefix_cache_tokens

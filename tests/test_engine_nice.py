@@ -27,9 +27,15 @@ class _Done:
         self.event.set()
 
 
-def _nice_values() -> dict[int, int]:
-    return {int(tid): os.getpriority(os.PRIO_PROCESS, int(tid))
-            for tid in os.listdir("/proc/self/task")}
+def _nice_values(pid: int | None = None) -> dict[int, int]:
+    """Each thread of process ``pid`` (this one by default): its nice value."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid or os.getpid()}/task"):
+        try:
+            out[int(tid)] = os.getpriority(os.PRIO_PROCESS, int(tid))
+        except OSError:
+            continue  # the thread exited
+    return out
 
 
 def test_the_engine_threads_take_the_nice_value_and_the_main_thread_keeps_its_own(
@@ -51,18 +57,6 @@ def test_the_engine_threads_take_the_nice_value_and_the_main_thread_keeps_its_ow
         engine.close()
 
 
-def _task_nice(pid: int) -> dict[int, int]:
-    """Each thread of process ``pid``: its nice value (field 19 of /proc/PID/task/TID/stat)."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue  # the thread exited
-        out[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
-    return out
-
-
 @pytest.mark.parametrize(("args", "engine_nice"), [((), 10), (("--engine-nice", "0"), 0)])
 def test_orcd_serve_runs_its_engine_at_nice_10_by_default(
         tiny_model: Path, tmp_path: Path, args: tuple[str, ...], engine_nice: int) -> None:
@@ -72,6 +66,6 @@ def test_orcd_serve_runs_its_engine_at_nice_10_by_default(
         body = {"job_id": "nice-1", "prompt": "hello", "max_tokens": 4}
         with httpx.stream("POST", f"{srv.uri}/execute", json=body, timeout=30) as resp:
             assert [name for name, _ in sse(resp)][-1] == "end"
-        nice = _task_nice(srv.proc.pid)
+        nice = _nice_values(srv.proc.pid)
         assert nice[srv.proc.pid] == 0, nice  # the main thread runs the event loop
         assert sorted(set(nice.values())) == sorted({0, engine_nice}), nice
