@@ -40,11 +40,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from peers import (
+    N_CTX,
+    ROOT,
+    THREADS,
+    free_port,
+    llama_cpp_server_command,
+    log,
+    nonce,
+    now,
+    parse_sse,
+    quantile,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
-N_CTX = 4096
-THREADS = os.cpu_count() or 1
 SHORT_PROMPT = "Write a long, detailed story about a lighthouse keeper and a lost whale."
 SENTENCE = "The old lighthouse keeper watched the grey sea roll against the rocks every evening. "
 LONG_TOKENS = 1600
@@ -52,7 +61,6 @@ LONG_TOKENS = 1600
 # llama_cpp.Llama and llama_cpp.server turn it off unless asked. Same kernels for all three.
 FLASH_ATTN = True
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)
-now = time.perf_counter
 
 
 @dataclass(frozen=True)
@@ -75,23 +83,11 @@ FULL = Plan(idle_probes=10, short_reps=8, long_reps=4, short_tokens=96, long_tok
 
 # -- statistics --------------------------------------------------------------------------
 
-def quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def summary(xs: list[float]) -> dict[str, Any]:
     if not xs:
         return {"n": 0, "median": None, "p99": None, "min": None, "max": None}
     return {"n": len(xs), "median": quantile(xs, 0.5), "p99": quantile(xs, 0.99),
             "min": min(xs), "max": max(xs)}
-
-
-def nonce() -> str:
-    return uuid.uuid4().hex[:8]
 
 
 def _cpu_jiffies(pid: int | None = None) -> int:
@@ -224,23 +220,6 @@ class Event:
     t: float
     kind: str  # queued | started | token | end | error
     data: dict[str, Any]
-
-
-def parse_sse(buf: bytes) -> tuple[list[tuple[str, str]], bytes]:
-    """Split complete SSE frames off ``buf``: ([(event, data)], rest)."""
-    buf = buf.replace(b"\r\n", b"\n")
-    out: list[tuple[str, str]] = []
-    while b"\n\n" in buf:
-        block, buf = buf.split(b"\n\n", 1)
-        name, data = "message", []
-        for line in block.decode("utf-8", "replace").split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].lstrip(" "))
-        if data:
-            out.append((name, "\n".join(data)))
-    return out, buf
 
 
 class Stream(threading.Thread):
@@ -505,19 +484,11 @@ class Peer(Server):
 
     def __init__(self, model: Path, logdir: Path) -> None:
         super().__init__(model, logdir)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model),
-                "--n_ctx", str(N_CTX), "--host", "127.0.0.1", "--port", str(self.port),
-                "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS),
-                "--flash_attn", str(FLASH_ATTN).lower(),
-                # FIFO like orcd: by default a new request (even GET /v1/models) makes the
-                # running stream stop early, which would hide the queued phase entirely.
-                "--interrupt_requests", "false"]
+        return llama_cpp_server_command(self.model, self.port)
 
     def body(self, job_id: str, prompt: str, max_tokens: int) -> dict[str, Any]:
         return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1,
@@ -569,10 +540,6 @@ def long_prompt(tokenize: Callable[[str], list[int]]) -> str:
     while len(tokenize(text)) < LONG_TOKENS - 40:
         text += SENTENCE
     return text + "\nSummarize the text above in one paragraph."
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def bench_raw(model: Path, plan: Plan, res: Results, half: int) -> str:

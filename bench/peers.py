@@ -58,6 +58,9 @@ def before_command(model: Path, port: int) -> list[str]:
 
 
 def llama_cpp_server_command(model: Path, port: int) -> list[str]:
+    """``python -m llama_cpp.server``, FIFO like orcd: by default a new request (even
+    ``GET /v1/models``) makes the running stream stop early, which would hide the queued
+    phase entirely; flash attention on, like orcd's llama.cpp default."""
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
             "--n_ctx", str(N_CTX), "--host", "127.0.0.1", "--port", str(port),
             "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS),
@@ -202,7 +205,8 @@ class Proc:
 
 # -- the streaming client -----------------------------------------------------------------
 
-def _frames(buf: bytes) -> tuple[list[tuple[str, str]], bytes]:
+def parse_sse(buf: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """Split complete SSE frames off ``buf``: ([(event, data)], rest)."""
     buf = buf.replace(b"\r\n", b"\n")
     out: list[tuple[str, str]] = []
     while b"\n\n" in buf:
@@ -267,7 +271,7 @@ class Gen(threading.Thread):
                     self._sock = ns.get_extra_info("socket")
                 buf = b""
                 for chunk in r.iter_raw():
-                    frames, buf = _frames(buf + chunk)
+                    frames, buf = parse_sse(buf + chunk)
                     t = now()
                     for name, data in frames:
                         self._take(t, name, data)

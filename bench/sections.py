@@ -17,6 +17,8 @@ Returns the results (raw samples included) and the markdown tables; draws
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,29 @@ ALL = ("concurrency", "cancel-load", "turns", "sdk", "issue7", "fleet", "ledger"
 QUICK_SECTIONS: tuple[str, ...] = ()  # --quick stays a < 3 min smoke run of `base`
 
 
-def _start_all(servers: list[Proc]) -> None:
+def _start_all(servers: Sequence[Proc]) -> None:
     """Start every server at once (loading in parallel), then wait for each."""
     for s in servers:
         s.launch()
     for s in servers:
         s.wait_ready()
         log(f"{s.name}: ready at {s.base}")
+
+
+@contextmanager
+def _section(what: str, errors: list[str], servers: Sequence[Proc] = (),
+             logdir: Path | None = None) -> Iterator[None]:
+    """Start ``servers``, run the block, stop them; an error is reported in ``errors`` and
+    the log, and the benchmark goes on with the other sections."""
+    try:
+        _start_all(servers)
+        yield
+    except Exception as exc:  # noqa: BLE001 - report and go on with the other sections
+        errors.append(f"{what}: {type(exc).__name__}: {exc}")
+        log(f"ERROR {errors[-1]}" + (f" (logs in {logdir})" if logdir else ""))
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def run_sections(model: Path, logdir: Path, root: Path, sections: tuple[str, ...],
@@ -54,9 +72,7 @@ def run_sections(model: Path, logdir: Path, root: Path, sections: tuple[str, ...
         systems = concurrency.systems_for_concurrency(model, logdir, ls)
         by_name = {s.name: s for s, _ in systems}
         slots1 = Proc("orcd-slots1", "orcd", lambda p: orcd_command(model, p, slots=1), logdir)
-        servers = [s for s, _ in systems] + [slots1]
-        try:
-            _start_all(servers)
+        with _section("load sections", errors, [s for s, _ in systems] + [slots1], logdir):
             if "concurrency" in sections:
                 res["concurrency"] = concurrency.measure_concurrency(
                     systems, rounds=1 if quick else 3, tokens=32 if quick else 64)
@@ -80,38 +96,22 @@ def run_sections(model: Path, logdir: Path, root: Path, sections: tuple[str, ...
                     [slots1, by_name["llama_cpp.server"]], reps=3 if quick else 15)
                 md.append("### openai SDK closes a stream -> worker free (issue #9)\n\n"
                           + table(turns.SDK_HEAD, turns.sdk_rows(res["sdk_close"])))
-        except Exception as exc:  # noqa: BLE001 - report and go on with the other sections
-            errors.append(f"load sections: {type(exc).__name__}: {exc}")
-            log(f"ERROR {errors[-1]} (logs in {logdir})")
-        finally:
-            for s in servers:
-                s.stop()
     if "issue7" in sections:
         servers = before_after.variants(model, logdir, root, nices[:1] if quick else nices,
                                         with_before=True)
-        try:
-            _start_all(servers)
+        with _section("issue7", errors, servers, logdir):
             res["issue7"] = before_after.measure(servers, long_prompt, rounds=2 if quick else 6)
             md.append("### Issue #7 before / after, and the engine threads' nice value\n\n"
                       + table(before_after.HEAD, before_after.rows(res["issue7"])))
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"issue7: {type(exc).__name__}: {exc}")
-            log(f"ERROR {errors[-1]} (logs in {logdir})")
-        finally:
-            for s in servers:
-                s.stop()
     if "fleet" in sections:
-        try:
+        with _section("fleet", errors):
             import fleet_bench
 
             res["fleet"] = fleet_bench.measure_fleet(model, workers=3, runs=20, threads=1)
             md.append("### Fleet: direct vs through HAProxy (issue #11)\n\n" + table(
                 ("", "direct", "front door"), fleet_bench.rows(res["fleet"])))
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"fleet: {type(exc).__name__}: {exc}")
-            log(f"ERROR {errors[-1]}")
     if "ledger" in sections:
-        try:
+        with _section("ledger", errors):
             import ledger_cancel_latency
 
             res["ledger"] = ledger_cancel_latency.measure(rounds=20 if quick else 300)
@@ -119,9 +119,6 @@ def run_sections(model: Path, logdir: Path, root: Path, sections: tuple[str, ...
                 ("worker", "POST /cancel of a running job -> 202, ms p50 / p99"),
                 [(name, ms(p50_p99(values), 2))
                  for name, values in res["ledger"]["seconds"].items()]))
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"ledger: {type(exc).__name__}: {exc}")
-            log(f"ERROR {errors[-1]}")
     res["errors"] = errors
     return res, md
 
