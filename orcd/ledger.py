@@ -40,6 +40,7 @@ from typing import IO, Any
 
 import attrs
 
+from . import priority
 from .errors import ConfigError
 from .logs import log, utc_now
 
@@ -210,6 +211,7 @@ class Ledger:
             raise
         ledger = cls(path, retention_s, recovery, lock_file=lock_file, **options)
         ledger._thread.start()
+        priority.keep(ledger._thread)  # the event loop puts into its queue
         log("ledger_open",
             f"Ledger {path}: {recovery.cancelled} cancels enforced and {recovery.failed} jobs "
             f"failed (WORKER_RESTART) from a previous process, {recovery.deleted} old records "
@@ -225,6 +227,11 @@ class Ledger:
             self._queue.put_nowait((time.time(), dict(snapshot)))
         except queue.Full:
             self._dropped += 1
+
+    @property
+    def thread_id(self) -> int | None:
+        """The native id of the writer thread."""
+        return self._thread.native_id
 
     def health(self) -> LedgerHealth:
         return LedgerHealth(ok=self._error is None, error=self._error,
@@ -285,6 +292,7 @@ class Ledger:
             pass  # the writer is busy and sees `_stopping` after this batch
         if self._thread.is_alive():
             self._thread.join(timeout)
+        priority.forget(self._thread)
         if self._thread.is_alive():
             log("ledger_error", f"Ledger writer did not stop within {timeout} s; "
                 f"{self.health().pending} records may be lost", level=logging.WARNING)

@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener
 from typing import IO, Any
 
+from . import priority
+
 LOGGER_NAME = "orcd"
 _BASE = ("ts", "level", "actor", "action", "human", "worker_id")
 
@@ -92,16 +94,32 @@ def configure(worker_id: str, fmt: str = "json", level: str = "info",
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     if _listener is not None:
+        _forget_writer(_listener)
         _listener.stop()  # writes what is queued, then ends the writer thread
     writer = logging.StreamHandler(stream or sys.stderr)
     writer.setFormatter(TextFormatter(worker_id) if fmt == "text" else JsonFormatter(worker_id))
     _queue = queue.Queue(QUEUE_SIZE)
     _listener = QueueListener(_queue, writer)
     _listener.start()
+    writer_thread = getattr(_listener, "_thread", None)  # QueueListener keeps no public handle
+    if writer_thread is not None:
+        priority.keep(writer_thread)  # the event loop puts into its queue
     logger.addHandler(_DroppingQueueHandler(_queue))
     logger.setLevel(level.upper())
     logger.propagate = False
     return logger
+
+
+def _forget_writer(listener: QueueListener) -> None:
+    writer_thread = getattr(listener, "_thread", None)
+    if writer_thread is not None:
+        priority.forget(writer_thread)
+
+
+def writer_thread_id() -> int | None:
+    """The native id of the thread that writes the log lines (None before configure)."""
+    writer_thread = getattr(_listener, "_thread", None)
+    return None if writer_thread is None else writer_thread.native_id
 
 
 def flush(timeout_s: float = 2.0) -> bool:

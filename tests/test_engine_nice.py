@@ -69,3 +69,31 @@ def test_orcd_serve_runs_its_engine_at_nice_10_by_default(
         nice = _nice_values(srv.proc.pid)
         assert nice[srv.proc.pid] == 0, nice  # the main thread runs the event loop
         assert sorted(set(nice.values())) == sorted({0, engine_nice}), nice
+
+
+def test_the_threads_the_event_loop_waits_on_keep_their_priority(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """The log writer and the ledger writer share a lock with the event loop (their queues):
+    lowered, either could hold it while the scheduler keeps it off the CPU, and a cancel
+    would wait milliseconds inside a log call."""
+    from orcd import logs
+    from orcd.ledger import Ledger
+
+    listener = logs.writer_thread_id()
+    with Ledger.open(tmp_path / "ledger.sqlite", retention_s=3600) as ledger:
+        engine = BatchEngine(tiny_model, n_ctx=512, threads=2, slots=1, nice=6)
+        loop = threading.Thread(target=engine.run)
+        loop.start()
+        try:
+            done = _Done()
+            engine.start(SeqRequest(engine.tokenize("hello"),
+                                    SamplingParams(max_tokens=4, seed=1), CancelFlag(), done))
+            assert done.event.wait(30)
+            nice = _nice_values()
+            assert nice[loop.native_id] == 6, nice
+            assert listener is not None and nice[listener] == 0, nice
+            assert ledger.thread_id is not None and nice[ledger.thread_id] == 0, nice
+        finally:
+            engine.stop()
+            loop.join(30)
+            engine.close()

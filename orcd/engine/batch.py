@@ -52,6 +52,7 @@ from typing import Any, Literal
 import attrs
 
 from ..errors import ModelLoadError
+from ..priority import lower_threads
 from .model import c_abort_callback, effective_n_ctx, install_llama_log, load_model, model_info
 from .prefix_cache import PrefixCache
 from .sampling import (
@@ -143,34 +144,6 @@ class _Kv:
     def held(self, owner: int) -> int:
         lo, hi = self.span(owner)
         return hi - lo + 1 if hi >= 0 else 0
-
-
-def _lower_priority(nice: int) -> None:
-    """Give this thread, and the compute threads that its decodes use, ``nice`` (Linux).
-
-    On a machine with few cores llama.cpp's threads take every core, and the event loop
-    waits for the scheduler before it can answer ``/health`` or a cancel. Linux keeps a
-    nice value per thread and a new thread inherits its creator's. ggml's compute threads
-    are created by the thread that decodes: an OpenMP team per calling thread (libgomp
-    keeps one pool per master thread), or a threadpool per graph without OpenMP. The model's
-    warm-up decode ran in the loader thread, which may be this very thread (a reused worker
-    thread), so its pool may already exist at the old value: every thread of the process
-    but the main one (the event loop's) that runs at a higher priority than asked is
-    lowered too; idle helper threads cost nothing at any value.
-    """
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    main = threading.main_thread().native_id
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        return
-    for tid in tids:
-        if tid != main:
-            try:
-                if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-                    os.setpriority(os.PRIO_PROCESS, tid, nice)
-            except OSError:
-                pass  # the thread exited
 
 
 class BatchEngine:
@@ -343,7 +316,7 @@ class BatchEngine:
     def run(self) -> None:
         """The step loop; returns after :meth:`stop`, every sequence finished."""
         if self.nice:
-            _lower_priority(self.nice)
+            lower_threads(self.nice)
         try:
             while self._next_step():
                 pass
