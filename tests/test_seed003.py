@@ -107,6 +107,38 @@ async def test_cancel_marks_requested_then_cancelled(tiny_model: Path, tmp_path:
         assert actions == [("cancel", "alice"), ("cancel_complete", "alice")]
 
 
+async def test_a_cancel_through_the_api_enforces_before_it_answers(
+        tiny_model: Path, tmp_path: Path, log_capture: LogCapture) -> None:
+    """``POST /cancel`` (``cancel_or_recall``): the request is recorded, then enforced in the
+    same call, while the engine still holds the sequence: the terminal event is queued and
+    the record says cancelled before the call returns, with no checkpoint in between."""
+    async with seed_worker(tiny_model, tmp_path) as (h, users):
+        registry = h.worker.registry
+        h.engine.at_token[2] = gate = Gate()
+        events: list[Event] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream_into, users["alice"], "s-now", events)
+            await gate.wait_reached()  # the engine thread is held: nothing can free the job
+            job = registry.get("s-now", "alice")
+            assert job is not None and job.state == "running"
+            state = await registry.cancel_or_recall("s-now", "corr-now",
+                                                    Principal("alice", "user"))
+            assert state == "running"  # what the cancel found
+            record = job.snapshot()
+            assert record["state"] == "cancelled" and record["cancelled_at"] is not None
+            assert record["cancel_requested_at"] <= record["cancelled_at"]
+            assert job.generation is not None and not job.generation.done.is_set()
+            await until(lambda: bool(events) and events[-1].name == "error")
+            assert events[-1].data["code"] == "CANCELLED"
+            assert registry.statistics().running == 1  # the slot waits for the engine
+            gate.open()
+        await h.settled()
+        actions = [line["action"] for line in log_capture.lines()
+                   if line.get("job_id") == "s-now" and line["action"] in
+                   ("cancel", "cancel_complete")]
+        assert actions == ["cancel", "cancel_complete"]
+
+
 async def test_cancel_of_a_job_without_a_running_generation(tiny_model: Path,
                                                             tmp_path: Path) -> None:
     """A queued job (no sequence in the engine yet) and an id with no job at all."""
