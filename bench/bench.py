@@ -345,6 +345,10 @@ class Server:
     def cancel(self, stream: Stream) -> None: raise NotImplementedError
     def probe_ok(self, text: str) -> bool: raise NotImplementedError
 
+    def slots(self) -> int:
+        """How many jobs it runs at once (the peer: one)."""
+        return 1
+
     def start(self) -> None:
         out = open(self.logdir / f"{self.name}.stdout", "wb")  # noqa: SIM115
         err = open(self.logdir / f"{self.name}.stderr", "wb")  # noqa: SIM115
@@ -460,6 +464,9 @@ class Orcd(Server):
 
     def probe_ok(self, text: str) -> bool:
         return "event: end" in text
+
+    def slots(self) -> int:
+        return int(self.client.get(self.base + "/health").json()["slots"])
 
     def cancel_metrics(self) -> dict[str, float]:
         """Mean of orcd's own orcd_cancel_latency_seconds{phase} (flag set -> stopped), ms."""
@@ -598,10 +605,11 @@ def cancel_sample(srv: Server, phase: str, body: str, idle: float, long_ttft: fl
         return st
 
     try:
-        a: Stream | None = None
-        if phase == "queued":  # cancel B, queued behind the running A
-            a = open_stream(SHORT_PROMPT, n_busy)
-            a.wait_kind("token", 2)
+        running: list[Stream] = []
+        if phase == "queued":  # cancel B, queued behind running jobs that fill every slot
+            running = [open_stream(SHORT_PROMPT, n_busy) for _ in range(srv.slots())]
+            for a in running:
+                a.wait_kind("token", 2)
             s = open_stream(SHORT_PROMPT, 16)
             if isinstance(srv, Orcd):
                 s.wait_for(lambda evs: any(e.kind in ("queued", "started") for e in evs))
@@ -624,12 +632,15 @@ def cancel_sample(srv: Server, phase: str, body: str, idle: float, long_ttft: fl
         info["probe_total_s"] = t_done - t0
         s.finish(60)
         t_ref = t0
-        if a is not None:
-            a.finish()
-            end = a.first("end")
-            if end is None or end.t < t0:
-                raise Skip("the running job was over before the cancel")
-            t_ref = end.t  # queued: what the cancelled job still costs the next one
+        if running:
+            for a in running:
+                a.finish()
+            ends = [a.first("end") for a in running]
+            if any(end is None or end.t < t0 for end in ends):
+                raise Skip("a running job was over before the cancel")
+            # queued: what the cancelled job still costs the next one, from the first slot
+            # that comes free
+            t_ref = min(end.t for end in ends if end is not None)
         info["blackbox_s"] = t_done - t_ref - idle
         if t_started is not None:
             info["slot_s"] = t_started - t_ref

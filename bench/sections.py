@@ -24,6 +24,7 @@ from typing import Any
 
 import before_after
 import concurrency
+import lean_cancel
 import turns
 from peers import Proc, llama_server_binary, log, ms, orcd_command, p50_p99, table
 
@@ -83,12 +84,19 @@ def run_sections(model: Path, logdir: Path, root: Path, sections: tuple[str, ...
             if "cancel-load" in sections:
                 res["cancel_under_load"] = concurrency.measure_cancel_under_load(
                     pair, reps=4 if quick else 30, tokens=400)
+                lean = lean_cancel.measure(by_name["orcd-slots4"].port, reps=8 if quick else 100)
+                res["cancel_under_load"]["lean_client"] = lean
                 md.append("### Cancel one of 4 running jobs\n\n" + table(
-                    concurrency.CANCEL_HEAD, concurrency.cancel_rows(res["cancel_under_load"])))
+                    concurrency.CANCEL_HEAD, concurrency.cancel_rows(res["cancel_under_load"]))
+                    + "\n\n" + table(lean_cancel.HEAD, lean_cancel.rows(lean)))
             if "turns" in sections:
                 history = turns.conversation(tokenize, 1500)
-                res["second_turn"] = turns.measure_second_turn(pair, history,
-                                                               reps=2 if quick else 6)
+                raw_turns = turns.RawTurns(model)
+                try:
+                    res["second_turn"] = turns.measure_second_turn(
+                        pair, history, reps=2 if quick else 6, in_context=raw_turns)
+                finally:
+                    raw_turns.close()
                 md.append("### Second chat turn, 1,500-token shared prefix\n\n" + table(
                     turns.SECOND_TURN_HEAD, turns.second_turn_rows(res["second_turn"])))
             if "sdk" in sections:

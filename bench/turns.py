@@ -20,9 +20,10 @@ which serves one request at a time; for orcd also close -> the job's record is `
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
-from peers import Proc, log, ms, nonce, now, p50_p99, quantile
+from peers import N_CTX, THREADS, Proc, log, ms, nonce, now, p50_p99, quantile
 
 TALK = ("User: I keep a small lighthouse on a rocky island. What should I check every "
         "evening before the lamp is lit?\nAssistant: Check the lens for salt and soot, the "
@@ -53,34 +54,119 @@ def second_turn_sample(srv: Proc, history: str) -> dict[str, Any]:
     for g in (g2, fresh):
         if g.error or not g.tokens:
             raise RuntimeError(f"{srv.name}: a turn failed: {g.error}")
-    return {"turn1_ttft_s": g1.ttft, "turn2_ttft_s": g2.ttft, "new_only_ttft_s": fresh.ttft}
+    return {"turn1_ttft_s": g1.ttft, "turn2_ttft_s": g2.ttft, "new_only_ttft_s": fresh.ttft,
+            "turn1": turn1, "new_text": new_text}
 
 
-def measure_second_turn(servers: list[Proc], history: str, reps: int) -> dict[str, Any]:
+class RawTurns:
+    """Raw llama.cpp in-process (the bench's raw settings): the time to evaluate only turn 2's
+    new tokens with turn 1 already in its KV cache, through to the first token (argmax),
+    and the same for the new text alone in an empty cache. The first is what "evaluating
+    only the new tokens" costs at best: they attend to every cached position."""
+
+    def __init__(self, model: Path) -> None:
+        import llama_cpp
+
+        self.lc = llama_cpp
+        self.llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=THREADS,
+                                   n_threads_batch=THREADS, flash_attn=True, verbose=False)
+        self.ctx = self.llm._ctx.ctx
+        self.n_vocab = self.llm.n_vocab()
+
+    def _tokens(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode(), add_bos=True, special=True))
+
+    def _eval(self, tokens: list[int], start: int) -> int:
+        """Evaluate ``tokens`` at positions ``start``...; the argmax of the last one's logits."""
+        import numpy as np
+
+        lc = self.lc
+        step = self.llm.n_batch
+        batch = lc.llama_batch_init(step, 0, 1)
+        try:
+            for i in range(0, len(tokens), step):
+                chunk = tokens[i:i + step]
+                for j, tok in enumerate(chunk):
+                    batch.token[j], batch.pos[j], batch.n_seq_id[j] = tok, start + i + j, 1
+                    batch.seq_id[j][0], batch.logits[j] = 0, j == len(chunk) - 1
+                batch.n_tokens = len(chunk)
+                if lc.llama_decode(self.ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+        finally:
+            lc.llama_batch_free(batch)
+        row = lc.llama_get_logits_ith(self.ctx, -1)
+        return int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
+
+    def sample(self, turn1: str, new_text: str) -> dict[str, float]:
+        whole, first = self._tokens(turn1 + new_text), self._tokens(turn1)
+        shared = next((i for i, (a, b) in enumerate(zip(whole, first, strict=False)) if a != b),
+                      min(len(whole), len(first)))
+        self.llm._ctx.kv_cache_clear()
+        self._eval(whole[:shared], 0)  # turn 1, not timed: it is what the cache holds
+        t0 = now()
+        self._eval(whole[shared:], shared)
+        in_context = now() - t0
+        self.llm._ctx.kv_cache_clear()
+        fresh_tokens = self._tokens(f"[{nonce()}] {new_text}")
+        t0 = now()
+        self._eval(fresh_tokens, 0)
+        fresh = now() - t0
+        self.llm._ctx.kv_cache_clear()
+        return {"in_context_s": in_context, "fresh_s": fresh, "new_tokens": len(whole) - shared,
+                "fresh_tokens": len(fresh_tokens)}
+
+    def __call__(self, texts: list[tuple[str, str]]) -> list[dict[str, float]]:
+        return [self.sample(t1, new) for t1, new in texts]
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def measure_second_turn(servers: list[Proc], history: str, reps: int,
+                        in_context: Any = None) -> dict[str, Any]:
+    """``in_context``: a :class:`RawTurns` (or None) that reruns orcd's texts raw."""
     raw: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
     for _ in range(reps):
         for srv in servers:
             raw[srv.name].append(second_turn_sample(srv, history))
     summary: dict[str, Any] = {}
-    for name, xs in raw.items():
+    for name, xs in list(raw.items()):
         cell: dict[str, Any] = {k: p50_p99([x[k] for x in xs])
                 for k in ("turn1_ttft_s", "turn2_ttft_s", "new_only_ttft_s")}
+        texts = [(x.pop("turn1"), x.pop("new_text")) for x in xs]
+        if in_context is not None and name.startswith("orcd"):
+            ctx_xs = in_context(texts)
+            raw[f"{name}: raw llama.cpp"] = ctx_xs
+            cell["raw_in_context_s"] = p50_p99([x["in_context_s"] for x in ctx_xs])
+            cell["raw_fresh_s"] = p50_p99([x["fresh_s"] for x in ctx_xs])
+            cell["ratio_in_context_p50"] = (quantile([x["turn2_ttft_s"] for x in xs], 0.5)
+                                            / cell["raw_in_context_s"]["p50"])
         cell["ratio_p50"] = (quantile([x["turn2_ttft_s"] for x in xs], 0.5)
                              / quantile([x["new_only_ttft_s"] for x in xs], 0.5))
         summary[name] = cell
         log(f"{name}: second turn TTFT {ms(cell['turn2_ttft_s'])} ms vs new tokens only "
             f"{ms(cell['new_only_ttft_s'])} ms ({cell['ratio_p50']:.2f}x)")
+        if "ratio_in_context_p50" in cell:
+            log(f"{name}: raw llama.cpp evaluating only the new tokens after the cached turn 1: "
+                f"{ms(cell['raw_in_context_s'])} ms, alone {ms(cell['raw_fresh_s'])} ms; "
+                f"turn 2 / that {cell['ratio_in_context_p50']:.2f}x")
     return {"reps": reps, "summary": summary, "samples": raw}
 
 
 def second_turn_rows(res: dict[str, Any]) -> list[tuple[str, ...]]:
-    return [(name, ms(s["turn1_ttft_s"]), ms(s["turn2_ttft_s"]), ms(s["new_only_ttft_s"]),
-             f"{s['ratio_p50']:.2f}x", "PASS" if s["ratio_p50"] <= 1.2 else "MISS")
-            for name, s in res.get("summary", {}).items()]
+    rows = []
+    for name, s in res.get("summary", {}).items():
+        in_ctx = s.get("raw_in_context_s")
+        rows.append((name, ms(s["turn1_ttft_s"]), ms(s["turn2_ttft_s"]), ms(s["new_only_ttft_s"]),
+                     f"{s['ratio_p50']:.2f}x", ms(in_ctx) if in_ctx else "-",
+                     f"{s['ratio_in_context_p50']:.2f}x" if in_ctx else "-"))
+    return rows
 
 
 SECOND_TURN_HEAD = ("system", "turn 1 TTFT ms (cold)", "turn 2 TTFT ms",
-                    "new tokens only TTFT ms", "turn 2 / new only", "goal <= 1.2x")
+                    "new text alone TTFT ms", "turn 2 / new text alone",
+                    "raw llama.cpp: only the new tokens, turn 1 cached, ms",
+                    "turn 2 / raw new tokens")
 
 
 def _probe(srv: Proc) -> float:
