@@ -111,7 +111,8 @@ async def test_a_cancel_through_the_api_enforces_before_it_answers(
         tiny_model: Path, tmp_path: Path, log_capture: LogCapture) -> None:
     """``POST /cancel`` (``cancel_or_recall``): the request is recorded, then enforced in the
     same call, while the engine still holds the sequence: the terminal event is queued and
-    the record says cancelled before the call returns, with no checkpoint in between."""
+    the record says cancelled when the call returns, before the job's own task has had the
+    scheduler turns it needs to do it."""
     async with seed_worker(tiny_model, tmp_path) as (h, users):
         registry = h.worker.registry
         h.engine.at_token[2] = gate = Gate()
