@@ -44,6 +44,7 @@ from peers import (
     N_CTX,
     ROOT,
     THREADS,
+    decode_chunks,
     free_port,
     llama_cpp_server_command,
     log,
@@ -175,12 +176,6 @@ class RawEngine:
     def tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode(), add_bos=True, special=True))
 
-    def _decode(self, tokens: list[int]) -> None:
-        arr = (self.lc.llama_token * len(tokens))(*tokens)
-        rc = self.lc.llama_decode(self.ctx, self.lc.llama_batch_get_one(arr, len(tokens)))
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-
     def generate(self, prompt: str, max_tokens: int) -> Gen:
         lc = self.lc
         t_send = now()
@@ -191,9 +186,7 @@ class RawEngine:
         stamps: list[float] = []
         pieces: list[bytes] = []
         try:
-            step = self.llm.n_batch
-            for i in range(0, len(toks), step):
-                self._decode(toks[i:i + step])
+            decode_chunks(self.ctx, toks, self.llm.n_batch)
             while len(stamps) < max_tokens:
                 tok = lc.llama_sampler_sample(smpl, self.ctx, -1)
                 if lc.llama_vocab_is_eog(self.vocab, tok):
@@ -202,7 +195,7 @@ class RawEngine:
                 pieces.append(buf.raw[:max(n, 0)])
                 stamps.append(now())
                 if len(stamps) < max_tokens:
-                    self._decode([tok])
+                    decode_chunks(self.ctx, [tok], 1)
         finally:
             lc.llama_sampler_free(smpl)
             self.llm._ctx.kv_cache_clear()

@@ -41,6 +41,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# -- raw llama.cpp ------------------------------------------------------------------------
+
+def decode_chunks(ctx: Any, tokens: Sequence[int], step: int) -> None:
+    """Evaluate ``tokens`` on sequence 0 of the llama.cpp context ``ctx``, ``step`` at a time,
+    after what it already holds (``llama_batch_get_one``: positions follow on from the KV
+    cache; only each chunk's last token gets logits)."""
+    import llama_cpp
+
+    for i in range(0, len(tokens), step):
+        chunk = tokens[i:i + step]
+        arr = (llama_cpp.llama_token * len(chunk))(*chunk)
+        rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+
 # -- commands -------------------------------------------------------------------------------
 
 def orcd_command(model: Path, port: int, *, slots: int = 4, nice: int | None = None,

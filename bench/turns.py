@@ -23,7 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peers import N_CTX, THREADS, Proc, log, ms, nonce, now, p50_p99, quantile
+from peers import (
+    N_CTX,
+    THREADS,
+    Proc,
+    decode_chunks,
+    log,
+    ms,
+    nonce,
+    now,
+    p50_p99,
+    quantile,
+)
 
 TALK = ("User: I keep a small lighthouse on a rocky island. What should I check every "
         "evening before the lamp is lit?\nAssistant: Check the lens for salt and soot, the "
@@ -76,25 +87,13 @@ class RawTurns:
     def _tokens(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode(), add_bos=True, special=True))
 
-    def _eval(self, tokens: list[int], start: int) -> int:
-        """Evaluate ``tokens`` at positions ``start``...; the argmax of the last one's logits."""
+    def _eval(self, tokens: list[int]) -> int:
+        """Evaluate ``tokens`` after what the cache holds; the argmax of the last one's
+        logits."""
         import numpy as np
 
-        lc = self.lc
-        step = self.llm.n_batch
-        batch = lc.llama_batch_init(step, 0, 1)
-        try:
-            for i in range(0, len(tokens), step):
-                chunk = tokens[i:i + step]
-                for j, tok in enumerate(chunk):
-                    batch.token[j], batch.pos[j], batch.n_seq_id[j] = tok, start + i + j, 1
-                    batch.seq_id[j][0], batch.logits[j] = 0, j == len(chunk) - 1
-                batch.n_tokens = len(chunk)
-                if lc.llama_decode(self.ctx, batch) != 0:
-                    raise RuntimeError("llama_decode failed")
-        finally:
-            lc.llama_batch_free(batch)
-        row = lc.llama_get_logits_ith(self.ctx, -1)
+        decode_chunks(self.ctx, tokens, self.llm.n_batch)
+        row = self.lc.llama_get_logits_ith(self.ctx, -1)
         return int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
 
     def sample(self, turn1: str, new_text: str) -> dict[str, float]:
@@ -102,14 +101,14 @@ class RawTurns:
         shared = next((i for i, (a, b) in enumerate(zip(whole, first, strict=False)) if a != b),
                       min(len(whole), len(first)))
         self.llm._ctx.kv_cache_clear()
-        self._eval(whole[:shared], 0)  # turn 1, not timed: it is what the cache holds
+        self._eval(whole[:shared])  # turn 1, not timed: it is what the cache holds
         t0 = now()
-        self._eval(whole[shared:], shared)
+        self._eval(whole[shared:])
         in_context = now() - t0
         self.llm._ctx.kv_cache_clear()
         fresh_tokens = self._tokens(f"[{nonce()}] {new_text}")
         t0 = now()
-        self._eval(fresh_tokens, 0)
+        self._eval(fresh_tokens)
         fresh = now() - t0
         self.llm._ctx.kv_cache_clear()
         return {"in_context_s": in_context, "fresh_s": fresh, "new_tokens": len(whole) - shared,
