@@ -17,6 +17,7 @@ import json
 import logging
 import queue
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener
@@ -94,14 +95,16 @@ def configure(worker_id: str, fmt: str = "json", level: str = "info",
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     if _listener is not None:
-        _forget_writer(_listener)
+        writer_thread = _writer_thread(_listener)
+        if writer_thread is not None:
+            priority.forget(writer_thread)
         _listener.stop()  # writes what is queued, then ends the writer thread
     writer = logging.StreamHandler(stream or sys.stderr)
     writer.setFormatter(TextFormatter(worker_id) if fmt == "text" else JsonFormatter(worker_id))
     _queue = queue.Queue(QUEUE_SIZE)
     _listener = QueueListener(_queue, writer)
     _listener.start()
-    writer_thread = getattr(_listener, "_thread", None)  # QueueListener keeps no public handle
+    writer_thread = _writer_thread(_listener)
     if writer_thread is not None:
         priority.keep(writer_thread)  # the event loop puts into its queue
     logger.addHandler(_DroppingQueueHandler(_queue))
@@ -110,15 +113,14 @@ def configure(worker_id: str, fmt: str = "json", level: str = "info",
     return logger
 
 
-def _forget_writer(listener: QueueListener) -> None:
-    writer_thread = getattr(listener, "_thread", None)
-    if writer_thread is not None:
-        priority.forget(writer_thread)
+def _writer_thread(listener: QueueListener | None) -> threading.Thread | None:
+    """The listener's writer thread (QueueListener keeps no public handle on it)."""
+    return getattr(listener, "_thread", None)
 
 
 def writer_thread_id() -> int | None:
     """The native id of the thread that writes the log lines (None before configure)."""
-    writer_thread = getattr(_listener, "_thread", None)
+    writer_thread = _writer_thread(_listener)
     return None if writer_thread is None else writer_thread.native_id
 
 
