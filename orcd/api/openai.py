@@ -39,7 +39,7 @@ from .chat import ChatMessage, ChatTemplate, ChatTemplateError, content_text
 from .chat import tokenize_chat as _tokenize_chat
 from .native import caller, known_owner, owner_named, read_json
 from .schema import MAX_STOP_CHARS, MAX_STOPS, ExecuteRequest, job_id_problem, validate_job_id
-from .sse import JobStream
+from .sse import JobStream, data_json
 
 if TYPE_CHECKING:
     from ..bridge import Engine
@@ -296,8 +296,7 @@ class _Models:
 
 
 def _data(body: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() \
-        + b"\n\n"
+    return f"data: {data_json(body)}\n\n".encode()
 
 
 def _finish_reason(stop_reason: str) -> str:

@@ -21,9 +21,20 @@ KEEPALIVE = b": keep-alive\n\n"
 Render = Callable[[StreamEvent], bytes]
 
 
+# Characters that SSE does not treat as line ends but many clients' line splitters do
+# (httpx's aiter_lines, Python's str.splitlines): sent as JSON escapes, the same string.
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028",
+                                "\u2029": "\\u2029"})
+
+
+def data_json(data: dict[str, Any]) -> str:
+    """``data`` as the JSON of one ``data:`` line: compact, UTF-8 text kept as it is except
+    the characters some clients split lines at."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKERS)
+
+
 def frame(name: str, data: dict[str, Any]) -> bytes:
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {name}\ndata: {payload}\n\n".encode()
+    return f"event: {name}\ndata: {data_json(data)}\n\n".encode()
 
 
 def native_frame(event: StreamEvent) -> bytes:
