@@ -5,10 +5,11 @@ venv := ".venv"
 py := venv + "/bin/python"
 model := "models/gemma-3-270m-q4_k_m.gguf"
 
-# llama.cpp's CPU build: portable AVX2 kernels. `-march=native` pulls in ggml's AMX kernels,
-# which crash on some Sapphire Rapids VMs; the multimodal library is not needed.
+# llama.cpp's CPU build: every x86 instruction set this machine lists (AVX2, AVX-512, VNNI),
+# named one by one (scripts/cmake-args), never AMX: `-march=native` pulls in ggml's AMX
+# kernels, which crash on some Sapphire Rapids VMs; the multimodal library is not needed.
 # For CUDA, install with CMAKE_ARGS="-DGGML_CUDA=on" instead (see the README).
-export CMAKE_ARGS := env_var_or_default("CMAKE_ARGS", "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF")
+export CMAKE_ARGS := env_var_or_default("CMAKE_ARGS", `scripts/cmake-args`)
 
 # List the recipes
 default:
@@ -36,6 +37,10 @@ serve *ARGS: model
 # Run the whole test suite (ARGS go to pytest; exits non-zero when no test ran)
 test *ARGS: install model
     {{py}} -m pytest {{ARGS}}
+
+# Build llama-cpp-python again for this machine's CPU (scripts/cmake-args) or your CMAKE_ARGS, past pip's cached wheel
+rebuild-llama: install
+    {{py}} -m pip install --force-reinstall --no-cache-dir --no-deps "$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml | head -1)"
 
 # Lint and type-check
 lint: install

@@ -376,6 +376,11 @@ async def _load_then_announce(worker: Worker, engine_factory: EngineFactory,
         logs.log("startup", "orcd's C abort callback (orcd/_abortflag.c) is not built: a "
                  "cancel inside a decode waits for Python's GIL. Reinstall orcd with a C "
                  "compiler present.", level=logging.WARNING, abort_callback="python")
+    unused = engine.info.cpu_sets_unused
+    if engine.info.device == "cpu" and unused:
+        logs.log("startup", f"llama.cpp was built without {', '.join(unused)}, which this CPU "
+                 "has: `just rebuild-llama` builds it for this machine (README, \"Building\")",
+                 level=logging.WARNING, cpu_sets_unused=list(unused))
     if hasattr(engine, "on_step"):
         engine.on_step = worker.metrics.observe_step
     worker.registry.attach_engine(engine)
@@ -384,7 +389,8 @@ async def _load_then_announce(worker: Worker, engine_factory: EngineFactory,
         info = engine.info
         logs.log("ready", f"Model {info.name} loaded ({info.quant_kind}, {info.device}, "
                  f"context {info.context_length}); ready for jobs", model=info.name,
-                 device=info.device, context_length=info.context_length)
+                 device=info.device, context_length=info.context_length,
+                 cpu_features=list(info.cpu_features))
         if config.callback_url:
             if not await _send_ready_callback(worker, engine):
                 fatal.append(FatalError(

@@ -465,7 +465,9 @@ async def test_gemma_chat_answers_and_keeps_turn_markers_as_text(gemma_model: Pa
         async with async_client(h) as client:
             reply = await client.chat.completions.create(
                 model="gemma-3-270m-q4_k_m",
-                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                # greedy text depends on the build's kernels: this question is answered
+                # "Paris" by both the AVX2 and the AVX-512 build of llama.cpp
+                messages=[{"role": "user", "content": "Which city is the capital of France?"}],
                 max_tokens=24, temperature=0)
         answer = reply.choices[0].message.content or ""
         assert "Paris" in answer, answer

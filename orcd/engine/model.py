@@ -2,7 +2,8 @@
 
 Everything here runs once per process or once per model: the GGUF check, llama.cpp's log
 callback, the C abort callback, loading the weights (with a progress callback that can
-cancel the load) and reading the model's metadata into :class:`ModelInfo`.
+cancel the load), reading the model's metadata into :class:`ModelInfo`, and comparing the
+instruction sets llama.cpp was built with against the ones this CPU has.
 """
 
 from __future__ import annotations
@@ -159,9 +160,55 @@ def token_text(model: Any, token: int) -> str:
     return buf.raw[: max(n, 0)].decode("utf-8", "replace")
 
 
+# x86 instruction sets whose kernels make llama.cpp's CPU steps faster: the name
+# llama_print_system_info() gives each, and the /proc/cpuinfo flags a CPU needs for it
+X86_SETS = {
+    "AVX2": ("avx2",),
+    "AVX_VNNI": ("avx_vnni",),
+    "AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
+    "AVX512_VNNI": ("avx512f", "avx512_vnni"),
+}
+
+
+def built_cpu_features(system_info: str) -> tuple[str, ...]:
+    """The CPU features in llama.cpp's ``llama_print_system_info()`` text that are on
+    ("CPU : SSE3 = 1 | AVX2 = 1 | ..."; other backends' parts are ignored)."""
+    part = system_info.split("CPU :", 1)[1] if "CPU :" in system_info else ""
+    part = part.split("\n", 1)[0]
+    on = []
+    for item in part.split("|"):
+        name, _, value = item.partition("=")
+        if value.strip() == "1":
+            on.append(name.strip())
+    return tuple(on)
+
+
+def unused_cpu_sets(built: tuple[str, ...], cpuinfo: str) -> tuple[str, ...]:
+    """The instruction sets of :data:`X86_SETS` that the CPU (``/proc/cpuinfo`` text) has
+    and llama.cpp was not built with: a rebuild for this machine would use them."""
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    return tuple(name for name, needs in X86_SETS.items()
+                 if name not in built and flags.issuperset(needs))
+
+
+def cpu_build(llama_cpp: Any, cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[
+        tuple[str, ...], tuple[str, ...]]:
+    """(the CPU features llama.cpp was built with, the sets this CPU has that it lacks)."""
+    built = built_cpu_features(llama_cpp.llama_print_system_info().decode(errors="replace"))
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:  # not Linux: nothing to compare with
+        return built, ()
+    return built, unused_cpu_sets(built, text)
+
+
 def model_info(model: Any, path: Path, *, n_ctx: int, gpu_device: int | None) -> ModelInfo:
-    """What /health and the chat templates need to know about a loaded model."""
+    """What /health, the logs and the chat templates need to know about a loaded model."""
+    import llama_cpp
+
     meta = model.metadata()
+    built, unused = cpu_build(llama_cpp)
     return ModelInfo(
         name=meta.get("general.name") or path.name,
         path=str(path),
@@ -175,6 +222,8 @@ def model_info(model: Any, path: Path, *, n_ctx: int, gpu_device: int | None) ->
         chat_template=meta.get("tokenizer.chat_template"),
         bos_text=token_text(model, model.token_bos()),
         eos_text=token_text(model, model.token_eos()),
+        cpu_features=built,
+        cpu_sets_unused=unused,
     )
 
 

@@ -123,6 +123,8 @@ class ModelInfo:
     chat_template: str | None = None  # GGUF tokenizer.chat_template (Jinja2), if the model has one
     bos_text: str = ""  # the BOS token's text, for chat templates ("<bos>")
     eos_text: str = ""
+    cpu_features: tuple[str, ...] = ()  # what llama.cpp's CPU kernels were built with
+    cpu_sets_unused: tuple[str, ...] = ()  # x86 sets this CPU has that the build lacks
 
 
 @attrs.frozen
