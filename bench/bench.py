@@ -916,9 +916,15 @@ def machine() -> dict[str, Any]:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
+    import llama_cpp
+
+    from orcd.engine.model import cpu_build
+
+    built, unused = cpu_build(llama_cpp)
     return {"nproc": nproc, "cpu_model": cpu, "threads": THREADS,
             "python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions}
+            "versions": versions, "cpu_features": list(built),
+            "cpu_sets_unused": list(unused)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,12 @@ stream is a plain socket read by its own thread, chunked SSE decoded by hand, an
 cancel is one pre-built ``POST /cancel`` on a kept-alive connection. The figure is the time
 from sending the cancel to reading the victim's ``error`` event (and, separately, the 202).
 
+Next to it, in the same load window of every sample, the client times a few round trips to
+a bare echo process (:class:`Echo`: a separate Python process that reads a byte and writes
+it back, no HTTP, no server logic). That is the floor this machine sets under the same load:
+two processes waking each other across the cores the engine keeps busy. A cancel needs the
+same two wake-ups plus the server's own work, so its tail cannot sit below the echo's.
+
     .venv/bin/python bench/lean_cancel.py --port 8000 [--reps 30]
 
 :func:`measure` is what ``just bench`` calls, against an orcd it started.
@@ -17,12 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
 from peers import ms, nonce, now, p50_p99
 
+ECHO_ROUNDS = 5  # echo round trips per sample, in the load window just before the cancel
+ECHO_SERVER = """
+import socket, sys
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while (data := conn.recv(64)):
+    conn.sendall(data)
+"""
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a lost whale."
 
 
@@ -128,8 +146,30 @@ class Control:
         self.sock.close()
 
 
-def sample(port: int, ctl: Control, victim: int, tokens: int) -> dict[str, Any]:
-    """Four streams generate; cancel stream ``victim`` once each has 8 tokens."""
+class Echo:
+    """A bare echo process: the machine's own round-trip floor under the same load."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None
+        self.sock = _connect(int(self.proc.stdout.readline()))
+
+    def round_trip(self) -> float:
+        t0 = now()
+        self.sock.sendall(b"x")
+        if not self.sock.recv(64):
+            raise ConnectionError("the echo process closed its socket")
+        return now() - t0
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.wait(10)
+
+
+def sample(port: int, ctl: Control, echo: Echo, victim: int, tokens: int) -> dict[str, Any]:
+    """Four streams generate; once each has 8 tokens, time ``ECHO_ROUNDS`` echo round trips,
+    then cancel stream ``victim``."""
     streams = [LeanStream(port, tokens) for _ in range(4)]
     for st in streams:
         st.start()
@@ -139,6 +179,7 @@ def sample(port: int, ctl: Control, victim: int, tokens: int) -> dict[str, Any]:
             if now() > deadline or any(st.done.is_set() for st in streams):
                 raise RuntimeError("the four streams did not all get going")
             time.sleep(0.002)
+        echo_s = [echo.round_trip() for _ in range(ECHO_ROUNDS)]
         v = streams[victim]
         t0 = ctl.cancel(v.job_id)
         t_202 = now()
@@ -147,7 +188,7 @@ def sample(port: int, ctl: Control, victim: int, tokens: int) -> dict[str, Any]:
         if t_err is None:
             raise RuntimeError(f"the victim ended without an error event: {v.error}")
         return {"valid": True, "cancelled_s": t_err - t0, "accepted_s": t_202 - t0,
-                "job_id": v.job_id, "sent_at": t0}
+                "job_id": v.job_id, "sent_at": t0, "echo_s": echo_s}
     except Exception as exc:  # noqa: BLE001 - one bad sample must not end the run
         return {"valid": False, "why": f"{type(exc).__name__}: {exc}"}
     finally:
@@ -159,14 +200,16 @@ def sample(port: int, ctl: Control, victim: int, tokens: int) -> dict[str, Any]:
 
 
 def measure(port: int, reps: int, tokens: int = 400) -> dict[str, Any]:
-    ctl = Control(port)
+    ctl, echo = Control(port), Echo()
     try:
-        xs = [sample(port, ctl, i % 4, tokens) for i in range(reps)]
+        xs = [sample(port, ctl, echo, i % 4, tokens) for i in range(reps)]
     finally:
         ctl.close()
+        echo.close()
     ok = [x for x in xs if x["valid"]]
-    return {"reps": reps, "invalid": len(xs) - len(ok), "samples": xs,
-            "summary": {k: p50_p99([x[k] for x in ok]) for k in ("cancelled_s", "accepted_s")}}
+    summary = {k: p50_p99([x[k] for x in ok]) for k in ("cancelled_s", "accepted_s")}
+    summary["echo_s"] = p50_p99([e for x in ok for e in x["echo_s"]])
+    return {"reps": reps, "invalid": len(xs) - len(ok), "samples": xs, "summary": summary}
 
 
 HEAD = ("orcd --slots 4, lean client (raw sockets)", "cancel -> CANCELLED ms p50 / p99",
@@ -175,8 +218,12 @@ HEAD = ("orcd --slots 4, lean client (raw sockets)", "cancel -> CANCELLED ms p50
 
 def rows(res: dict[str, Any]) -> list[tuple[str, ...]]:
     s = res["summary"]
-    return [("cancel one of 4", ms(s["cancelled_s"], 2), ms(s["accepted_s"], 2),
-             f"{s['cancelled_s']['n']} ({res['invalid']})")]
+    out = [("cancel one of 4", ms(s["cancelled_s"], 2), ms(s["accepted_s"], 2),
+            f"{s['cancelled_s']['n']} ({res['invalid']})")]
+    if "echo_s" in s:  # results saved before the echo floor existed have none
+        out.append(("floor: bare echo round trip, same load", ms(s["echo_s"], 2), "–",
+                    str(s["echo_s"]["n"])))
+    return out
 
 
 def main() -> None:
