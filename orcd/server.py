@@ -344,7 +344,7 @@ _frozen = False
 def _freeze_startup_objects() -> None:
     """Take what is alive once the model is loaded out of the cyclic collector's sight.
 
-    A full collection walks every tracked object, holding the GIL: about 29 ms for the 72k
+    A full collection walks every tracked object, holding the GIL: 29-40 ms for the 68-72k
     alive after start-up (modules, the app, the model's metadata), measured on the 2-core VM.
     It runs on whichever thread allocates, usually the event loop, so a cancel or a
     ``/health`` that meets it waits that long. Those objects live as long as the process, so
@@ -400,7 +400,8 @@ async def _load_then_announce(worker: Worker, engine_factory: EngineFactory,
     unused = engine.info.cpu_sets_unused
     if engine.info.device == "cpu" and unused:
         logs.log("startup", f"llama.cpp was built without {', '.join(unused)}, which this CPU "
-                 "has: `just rebuild-llama` builds it for this machine (README, \"Building\")",
+                 "has: `just rebuild-llama` builds it for this machine (README, "
+                 "\"Building for this CPU\")",
                  level=logging.WARNING, cpu_sets_unused=list(unused))
     if hasattr(engine, "on_step"):
         engine.on_step = worker.metrics.observe_step
