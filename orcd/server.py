@@ -338,9 +338,6 @@ def _exit_backstop(after_s: float) -> None:
     timer.start()
 
 
-_frozen = False
-
-
 def _freeze_startup_objects() -> None:
     """Take what is alive once the model is loaded out of the cyclic collector's sight.
 
@@ -349,11 +346,9 @@ def _freeze_startup_objects() -> None:
     It runs on whichever thread allocates, usually the event loop, so a cancel or a
     ``/health`` that meets it waits that long. Those objects live as long as the process, so
     they are collected once, then frozen; later collections walk only what came after.
-    Once per process (the tests serve many workers in one).
+    Once per process (the tests serve many workers in one): nothing is frozen yet.
     """
-    global _frozen
-    if not _frozen:
-        _frozen = True
+    if gc.get_freeze_count() == 0:
         gc.collect()  # garbage frozen now would never be collected
         gc.freeze()
 
