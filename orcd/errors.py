@@ -1,7 +1,7 @@
 """The error hierarchy: every failure a client can see carries its contract code.
 
 Foreign exceptions (llama.cpp, NVML, the OS) are translated to these at one edge each;
-HTTP handlers render them with :func:`orcd.http.error_response`.
+HTTP handlers render them with :func:`orcd.api.app.error_response`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,13 @@ class OrcdError(Exception):
     def headers(self) -> dict[str, str]:
         """Response headers the error's status calls for (``Retry-After``, ...)."""
         return {}
+
+    def envelope(self, correlation_id: str) -> dict[str, Any]:
+        """The contract's error body (CONTRACT §7)."""
+        return {"error": {
+            "code": self.code, "message": self.message, "retriable": self.retriable,
+            "details": self.details, "correlation_id": correlation_id,
+        }}
 
 
 class InvalidRequest(OrcdError):

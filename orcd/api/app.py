@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from .. import logs
 from ..auth import ANONYMOUS
 from ..errors import OrcdError, PayloadTooLarge, Unauthenticated, UnsupportedMediaType
+from .fastcancel import FastCancel
 from .lifetime import RequestLifetime
 from .schema import CORRELATION_ID_RE
 
@@ -34,10 +35,7 @@ def json_response(body: dict[str, Any], status: int = 200) -> Response:
 
 
 def error_response(err: OrcdError, correlation_id: str) -> Response:
-    response = json_response({"error": {
-        "code": err.code, "message": err.message, "retriable": err.retriable,
-        "details": err.details, "correlation_id": correlation_id,
-    }}, err.http_status)
+    response = json_response(err.envelope(correlation_id), err.http_status)
     response.headers.update(err.headers())
     if isinstance(err, (PayloadTooLarge, UnsupportedMediaType)):
         # The body was refused unread; the connection cannot carry another request.
@@ -119,7 +117,8 @@ def create_app(worker: Worker) -> QuartTrio:
     native.register(app, worker)
     openai.register(app, worker)
     web.register(app, worker)
-    # Outermost: every job a request binds ends when the request does (lifetime.py).
+    # Outermost: every job a request binds ends when the request does (lifetime.py). Inside
+    # it, the well-formed POST /cancel is answered before Quart (fastcancel.py).
     app.asgi_app = worker.lifetime = RequestLifetime(  # type: ignore[method-assign,assignment]
-        app.asgi_app, worker.on_request_end)
+        FastCancel(app.asgi_app, worker), worker.on_request_end)
     return app
