@@ -7,20 +7,21 @@ Prompts and outputs are never logged: only their length and the prompt's SHA-256
 
 Logging never blocks the event loop: a record goes into a bounded queue (dropped and
 counted if the queue is full) and one writer thread formats and writes it, so a stderr
-that nobody reads stalls only that thread.
+that nobody reads stalls only that thread. The writer is never woken by a line; it looks
+for lines every :data:`BATCH_WINDOW_S` and writes what it finds.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
-import queue
 import sys
 import threading
 import time
 from datetime import UTC, datetime
-from logging.handlers import QueueHandler, QueueListener
+from logging.handlers import QueueHandler
 from typing import IO, Any
 
 from . import priority
@@ -66,71 +67,114 @@ class TextFormatter(JsonFormatter):
 
 
 QUEUE_SIZE = 10_000
+# How often the writer looks for lines to write. It is never woken by a line: a thread woken
+# for every line takes the GIL from the event loop for every line, in the middle of the
+# request that logged it, and a cancel logs two. Lean client, cancel one of 4 under load, 50
+# samples each, alternating: CANCELLED p50 2.79 ms with a writer woken per line, 2.54 ms
+# with rounds, 2.29 ms with logging off (what is left is the two log calls themselves).
+BATCH_WINDOW_S = 0.02
 
 
 class _DroppingQueueHandler(QueueHandler):
-    """Puts records on the writer's queue without ever waiting; counts what did not fit."""
+    """Puts records where the writer will find them, without waking it or ever waiting;
+    counts what did not fit."""
 
-    def __init__(self, q: queue.Queue[logging.LogRecord]) -> None:
-        super().__init__(q)
+    def __init__(self, writer: _Writer) -> None:
+        super().__init__(writer)  # type: ignore[arg-type]  # only enqueue() uses it
+        self.writer = writer
         self.dropped = 0
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
+        if not self.writer.put(record):
             self.dropped += 1
 
 
-_listener: QueueListener | None = None
-_queue: queue.Queue[logging.LogRecord] | None = None
+class _Writer:
+    """The one thread that formats and writes the records, every :data:`BATCH_WINDOW_S`."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        self._handler = handler
+        self._pending: collections.deque[logging.LogRecord] = collections.deque()
+        self._busy = False  # a record taken from _pending is being written
+        self._stopping = False
+        self._wake = threading.Event()  # flush() and stop() cut the wait short
+        self.thread = threading.Thread(target=self._run, name="orcd-log-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, record: logging.LogRecord) -> bool:
+        """Queue ``record`` (any thread; a deque append, no lock); False if the queue is full."""
+        if len(self._pending) >= QUEUE_SIZE:
+            return False
+        self._pending.append(record)
+        return True
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is queued or being written."""
+        return not self._busy and not self._pending
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(BATCH_WINDOW_S)
+            self._wake.clear()
+            stopping = self._stopping  # before draining: nothing queued before stop() is left
+            self._busy = True  # before the first popleft: flush() sees a record in one place
+            try:
+                while self._pending:
+                    self._handler.handle(self._pending.popleft())
+            finally:
+                self._busy = False
+            if stopping:
+                return
+
+    def hurry(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Write what is queued, then end the thread; give up after ``timeout_s`` (a stderr
+        that nobody reads must not hold the process at exit)."""
+        self._stopping = True
+        self._wake.set()
+        self.thread.join(timeout_s)
+
+
+_writer: _Writer | None = None
 
 
 def configure(worker_id: str, fmt: str = "json", level: str = "info",
               stream: IO[str] | None = None) -> logging.Logger:
     """Point the ``orcd`` logger at ``stream`` (stderr) in the chosen format, through the
     queue and its writer thread."""
-    global _listener, _queue
+    global _writer
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    if _listener is not None:
-        writer_thread = _writer_thread(_listener)
-        if writer_thread is not None:
-            priority.forget(writer_thread)
-        _listener.stop()  # writes what is queued, then ends the writer thread
-    writer = logging.StreamHandler(stream or sys.stderr)
-    writer.setFormatter(TextFormatter(worker_id) if fmt == "text" else JsonFormatter(worker_id))
-    _queue = queue.Queue(QUEUE_SIZE)
-    _listener = QueueListener(_queue, writer)
-    _listener.start()
-    writer_thread = _writer_thread(_listener)
-    if writer_thread is not None:
-        priority.keep(writer_thread)  # the event loop puts into its queue
-    logger.addHandler(_DroppingQueueHandler(_queue))
+    if _writer is not None:
+        priority.forget(_writer.thread)
+        _writer.stop()
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(TextFormatter(worker_id) if fmt == "text" else JsonFormatter(worker_id))
+    _writer = _Writer(handler)
+    priority.keep(_writer.thread)  # the event loop takes locks it holds (the handler's)
+    logger.addHandler(_DroppingQueueHandler(_writer))
     logger.setLevel(level.upper())
     logger.propagate = False
     return logger
 
 
-def _writer_thread(listener: QueueListener | None) -> threading.Thread | None:
-    """The listener's writer thread (QueueListener keeps no public handle on it)."""
-    return getattr(listener, "_thread", None)
-
-
 def writer_thread_id() -> int | None:
     """The native id of the thread that writes the log lines (None before configure)."""
-    writer_thread = _writer_thread(_listener)
-    return None if writer_thread is None else writer_thread.native_id
+    return None if _writer is None else _writer.thread.native_id
 
 
 def flush(timeout_s: float = 2.0) -> bool:
     """Wait (in the calling thread) until every queued line is written; False on timeout."""
-    q = _queue
-    if q is None:
+    writer = _writer
+    if writer is None:
         return True
+    writer.hurry()
     end = time.monotonic() + timeout_s
-    while q.unfinished_tasks:
+    while not writer.idle:
         if time.monotonic() >= end:
             return False
         time.sleep(0.001)
@@ -145,8 +189,8 @@ def dropped() -> int:
 
 @atexit.register
 def _stop() -> None:
-    if _listener is not None:
-        _listener.stop()
+    if _writer is not None:
+        _writer.stop()
 
 
 def log(action: str, human: str, *, level: int = logging.INFO, **fields: Any) -> None:

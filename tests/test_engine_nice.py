@@ -73,9 +73,10 @@ def test_orcd_serve_runs_its_engine_at_nice_10_by_default(
 
 def test_the_threads_the_event_loop_waits_on_keep_their_priority(
         tiny_model: Path, tmp_path: Path) -> None:
-    """The log writer and the ledger writer share a lock with the event loop (their queues):
-    lowered, either could hold it while the scheduler keeps it off the CPU, and a cancel
-    would wait milliseconds inside a log call."""
+    """The ledger writer shares a lock with the event loop (its queue): lowered, it could
+    hold it while the scheduler keeps it off the CPU, and a cancel would wait milliseconds
+    inside a call that records a job. The log writer shares none (its deque takes no lock)
+    and keeps nice 0 so that a busy engine does not hold back the log."""
     from orcd import logs
     from orcd.ledger import Ledger
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -428,6 +429,20 @@ async def test_objects_alive_at_startup_are_frozen_out_of_full_collections(
     async with running_worker(tiny_model):
         # a second worker in the process freezes nothing more (freed objects leave the count)
         assert gc.get_freeze_count() <= frozen
+
+
+def test_a_log_line_never_wakes_the_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer finds lines on its own rounds: a log call that woke it would hand the GIL
+    to it in the middle of the request that logged (a cancel logs two lines)."""
+    monkeypatch.setattr(logs, "BATCH_WINDOW_S", 30.0, raising=False)  # no round in the test
+    stream = io.StringIO()
+    logs.configure("w-rounds", "json", "info", stream=stream)
+    for n in range(3):
+        logs.log("burst", f"line {n}", n=n)
+    time.sleep(0.1)  # the event loop's thread waits in epoll: a woken writer would run now
+    assert stream.getvalue() == "", "a log call woke the writer"
+    assert logs.flush(), "flush() must cut the round short"
+    assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == [0, 1, 2]
 
 
 def test_text_log_format_is_readable_and_not_json() -> None:
