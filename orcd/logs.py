@@ -83,10 +83,21 @@ class _DroppingQueueHandler(QueueHandler):
         super().__init__(writer)  # type: ignore[arg-type]  # only enqueue() uses it
         self.writer = writer
         self.dropped = 0
+        self._drops_lock = threading.Lock()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        """:meth:`logging.Handler.handle` without the handler's lock: ``emit`` is safe in any
+        thread, and a niced thread (the engine's) preempted while holding a shared lock
+        would keep the event loop waiting in its next log call."""
+        passed = bool(self.filter(record))
+        if passed:
+            self.emit(record)
+        return passed
 
     def enqueue(self, record: logging.LogRecord) -> None:
         if not self.writer.put(record):
-            self.dropped += 1
+            with self._drops_lock:  # taken only when the queue is full
+                self.dropped += 1
 
 
 class _Writer:

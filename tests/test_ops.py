@@ -445,6 +445,19 @@ def test_a_log_line_never_wakes_the_writer(monkeypatch: pytest.MonkeyPatch) -> N
     assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == [0, 1, 2]
 
 
+def test_the_log_queue_is_bounded_and_counts_what_it_drops(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    monkeypatch.setattr(logs, "BATCH_WINDOW_S", 30.0)
+    monkeypatch.setattr(logs, "QUEUE_SIZE", 3)
+    stream = io.StringIO()
+    logs.configure("w-full", "json", "info", stream=stream)
+    for n in range(5):
+        logs.log("burst", f"line {n}", n=n)
+    assert logs.dropped() == 2
+    assert logs.flush()
+    assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == [0, 1, 2]
+
+
 def test_text_log_format_is_readable_and_not_json() -> None:
     stream = io.StringIO()
     logs.configure("w-text", "text", "info", stream=stream)
