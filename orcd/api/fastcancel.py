@@ -4,9 +4,9 @@ A cancel is the request whose latency orcd promises. Through Quart it pays for a
 object, the routing, two before-request hooks, a response object and its conversion back to
 ASGI: 0.6-0.8 ms of Python on a loop whose cores llama.cpp keeps busy (lean client, cancel
 one of 4 under load, alternating with a worker without it: CANCELLED p50 3.53 -> 2.93 ms
-over 50 samples each; a first prototype, without authentication, 3.51 -> 2.72 over 60). :class:`FastCancel` answers the
-well-formed cancel itself and passes everything else to the app, so every error still comes
-from one place, in its envelope.
+over 50 samples each; a first prototype, without authentication, 3.51 -> 2.72 over 60).
+:class:`FastCancel` answers the well-formed cancel itself and passes everything else to the
+app, so every error still comes from one place, in its envelope.
 
 It answers when all of these hold, and otherwise hands the request to the app untouched:
 
