@@ -7,7 +7,6 @@ envelope ``{"error": {code, message, retriable, details, correlation_id}}``.
 from __future__ import annotations
 
 import logging
-import secrets
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, g, request
@@ -19,7 +18,7 @@ from ..auth import ANONYMOUS
 from ..errors import OrcdError, PayloadTooLarge, Unauthenticated, UnsupportedMediaType
 from .fastcancel import FastCancel
 from .lifetime import RequestLifetime
-from .schema import CORRELATION_ID_RE
+from .schema import correlation_id_for
 
 if TYPE_CHECKING:
     from ..server import Worker
@@ -57,8 +56,7 @@ def create_app(worker: Worker) -> QuartTrio:
 
     @app.before_request
     async def _correlation() -> None:
-        given = request.headers.get("X-Correlation-Id", "")
-        g.correlation_id = given if CORRELATION_ID_RE.fullmatch(given) else secrets.token_hex(8)
+        g.correlation_id = correlation_id_for(request.headers.get("X-Correlation-Id", ""))
 
     @app.before_request
     async def _authenticate() -> None:

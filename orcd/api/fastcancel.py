@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +35,7 @@ import trio
 from .. import logs
 from ..auth import ANONYMOUS, Principal
 from ..errors import InvalidRequest, OrcdError
-from .schema import CORRELATION_ID_RE, CancelRequest, parse_json_object
+from .schema import CancelRequest, correlation_id_for, parse_json_object
 
 if TYPE_CHECKING:
     from ..server import Worker
@@ -133,24 +132,23 @@ class FastCancel:
 
     async def _answer(self, send: Send, headers: dict[bytes, bytes], principal: Principal,
                       job_id: str) -> None:
-        given = headers.get(b"x-correlation-id", b"").decode("latin-1")
-        correlation_id = given if CORRELATION_ID_RE.fullmatch(given) else secrets.token_hex(8)
+        cid = correlation_id_for(headers.get(b"x-correlation-id", b"").decode("latin-1"))
         try:
             state = await self._worker.registry.cancel_or_recall(
-                job_id, correlation_id, principal, principal.name)
+                job_id, cid, principal, principal.name)
         except Exception as exc:  # noqa: BLE001 - the app's catch-all, in the same envelope
             logs.log("error", f"Unhandled error in POST /cancel: {exc!r}", level=logging.ERROR,
-                     correlation_id=correlation_id)
+                     correlation_id=cid)
             err = OrcdError("internal error; see the worker's log")
             self._worker.metrics.rejected.labels(code=err.code).inc()
-            status, body = err.http_status, err.envelope(correlation_id)
+            status, body = err.http_status, err.envelope(cid)
         else:
             status, body = 202, {"status": "cancelling", "job_id": job_id, "state": state}
         data = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(data)).encode()),
-            (b"x-correlation-id", correlation_id.encode()),
+            (b"x-correlation-id", cid.encode()),
         ]})
         await send({"type": "http.response.body", "body": data})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 from typing import Any
 
 import attrs
@@ -21,6 +22,12 @@ MAX_PROMPT_CHARS = 32768
 MAX_STOPS = 4
 MAX_STOP_CHARS = 100
 MAX_SEED = 2**64 - 1
+
+
+def correlation_id_for(given: str) -> str:
+    """The request's correlation id: the client's ``X-Correlation-Id`` if it is valid, else a
+    new random one."""
+    return given if CORRELATION_ID_RE.fullmatch(given) else secrets.token_hex(8)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
