@@ -166,7 +166,8 @@ def configure(worker_id: str, fmt: str = "json", level: str = "info",
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(TextFormatter(worker_id) if fmt == "text" else JsonFormatter(worker_id))
     _writer = _Writer(handler)
-    priority.keep(_writer.thread)  # the event loop takes locks it holds (the handler's)
+    priority.keep(_writer.thread)  # shares no lock with the event loop; nice 0 so that a
+    # busy engine does not hold the log back
     logger.addHandler(_DroppingQueueHandler(_writer))
     logger.setLevel(level.upper())
     logger.propagate = False
