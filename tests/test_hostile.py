@@ -218,13 +218,17 @@ async def test_a_stalled_log_reader_never_freezes_the_event_loop(tiny_model: Pat
     async with running_worker(tiny_model) as h:
         logs.configure("blocked", "json", "debug", stream=stream)
         try:
-            # Each of these logs lines while the writer thread is stuck on the first one.
+            # The writer looks for lines on its own rounds: wait until it is stuck writing the
+            # first one, however long its round, before anything else is asked of the worker.
+            logs.log("test_first", "the line that blocks the writer")
+            await wait_for(stream.blocked.is_set)
+            # Each of these logs lines while the writer thread is stuck.
             for i in range(3):
                 resp = await h.cancel(f"nobody-{i}")
                 assert resp.status_code == 202
             events = await h.execute(job_id="while-blocked", prompt="x", max_tokens=3)
             assert events[-1].name == "end"
-            assert stream.blocked.is_set(), "the writer was not blocked: the test proves nothing"
+            assert not stream.release.is_set()
         finally:
             stream.release.set()
     assert logs.flush()
