@@ -64,6 +64,7 @@ from .sampling import (
     sequence_sampler,
 )
 from .text import TextAssembler
+from .tokens import PromptTokens, safe_pairs
 from .types import EngineStats, Outcome, Phase, SeqRequest, SlotStats
 
 STEP_TOKENS = 128  # default prompt tokens per step (see the module docstring)
@@ -196,6 +197,7 @@ class BatchEngine:
         self._cache = PrefixCache(self._kv, prefix_cache_tokens, owners)
         self._vocab = model.vocab
         self._add_bos = bool(model.add_bos_token())
+        self._tokenizer = PromptTokens(self._tokenize_whole, safe_pairs(self._vocab, model.model))
         self._token_bytes = TokenBytes(self._vocab)
         self.info = model_info(model, path, n_ctx=self.n_ctx, gpu_device=gpu_device)
 
@@ -246,8 +248,11 @@ class BatchEngine:
         """Tokens of ``text``. ``special``: parse special-token text such as ``<bos>`` into
         those tokens (never for text a user wrote into a chat message). ``add_bos``: prepend
         BOS when the model wants one."""
-        return list(self._model.tokenize(text.encode("utf-8"), add_bos and self._add_bos,
-                                         special))
+        return self._tokenizer.tokenize(text, add_bos=add_bos and self._add_bos,
+                                        special=special)
+
+    def _tokenize_whole(self, text: str, add_bos: bool, special: bool) -> list[int]:
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos, special))
 
     def start(self, req: SeqRequest) -> None:
         """Queue ``req`` to join the batch at the next step."""
