@@ -17,6 +17,7 @@ from quart import request, request_started
 
 from orcd.api import fastcancel
 from orcd.api.fastcancel import FastCancel
+from orcd.api.schema import is_json_media_type
 
 from .harness import Gate, Harness, bearer, make_auth_file, running_worker
 from .test_http import assert_envelope
@@ -219,6 +220,23 @@ async def test_the_fast_answer_equals_the_apps(tiny_model: Path) -> None:
         resp = await h.client.post("/cancel", json={"job_id": "same"},
                                    headers={"X-Correlation-Id": "not valid!"})
         assert resp.headers["x-correlation-id"] != "not valid!"
+
+
+async def test_the_fast_path_and_the_app_agree_on_every_content_type(tiny_model: Path
+                                                                      ) -> None:
+    """One media-type rule (``schema.is_json_media_type``) for both: each Content-Type gets
+    the same status in front of Quart as through it."""
+    types = ["application/json", "Application/JSON; charset=utf-8", "application/json ;x=1",
+             "", "text/plain", "application/jsonx", "application/json-patch+json"]
+    async with running_worker(tiny_model) as h:
+        for ctype in types:
+            statuses = []
+            for path in ("/cancel", "/cancel?via=app"):
+                resp = await h.client.post(path, content=b'{"job_id": "ct"}',
+                                           headers={"Content-Type": ctype})
+                statuses.append(resp.status_code)
+            assert statuses[0] == statuses[1], (ctype, statuses)
+            assert statuses[0] == (202 if is_json_media_type(ctype) else 415), ctype
 
 
 async def test_the_fast_path_acts_only_for_the_caller_it_authenticates(tiny_model: Path,

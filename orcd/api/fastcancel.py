@@ -35,7 +35,7 @@ import trio
 from .. import logs
 from ..auth import ANONYMOUS, Principal
 from ..errors import InvalidRequest, OrcdError
-from .schema import CancelRequest, correlation_id_for, parse_json_object
+from .schema import CancelRequest, correlation_id_for, is_json_media_type, parse_json_object
 
 if TYPE_CHECKING:
     from ..server import Worker
@@ -88,8 +88,7 @@ class FastCancel:
                 or not 0 < int(length) <= self._max_body):
             return None
         ctype = found.get(b"content-type")
-        if ctype is not None and ctype.split(b";", 1)[0].strip().lower() not in (
-                b"application/json", b""):
+        if ctype is not None and not is_json_media_type(ctype.decode("latin-1")):
             return None
         return found
 

@@ -17,7 +17,13 @@ from ..auth import Principal, is_admin, is_valid_name
 from ..errors import Forbidden, InvalidRequest, JobNotFound, UnsupportedMediaType
 from . import lifetime
 from .app import json_response
-from .schema import CancelRequest, ExecuteRequest, parse_json_object, validate_job_id
+from .schema import (
+    CancelRequest,
+    ExecuteRequest,
+    is_json_media_type,
+    parse_json_object,
+    validate_job_id,
+)
 from .sse import JobStream
 
 if TYPE_CHECKING:
@@ -29,7 +35,7 @@ JOB_STATES = ("queued", "running", "completed", "cancelled", "failed")
 async def read_json() -> dict[str, Any]:
     """The request body as a JSON object (415 for another media type, 400 if malformed)."""
     ctype = request.headers.get("Content-Type")
-    if ctype is not None and request.mimetype not in ("application/json", ""):
+    if ctype is not None and not is_json_media_type(ctype):
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype!r}")
     body = await request.get_data(cache=False, as_text=False)
     return parse_json_object(body if isinstance(body, bytes) else body.encode())

@@ -30,6 +30,12 @@ def correlation_id_for(given: str) -> str:
     return given if CORRELATION_ID_RE.fullmatch(given) else secrets.token_hex(8)
 
 
+def is_json_media_type(content_type: str) -> bool:
+    """Whether a ``Content-Type`` value names JSON (or nothing): ``application/json``, any
+    case, with or without parameters. The one rule for every route that reads a body."""
+    return content_type.split(";", 1)[0].strip().lower() in ("application/json", "")
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """Decode a UTF-8 JSON object, or raise :class:`InvalidRequest` saying why not."""
     try:
