@@ -275,22 +275,16 @@ class Gen(threading.Thread):
         self._cond = threading.Condition()
 
     def run(self) -> None:
-        self.t_send = now()
         try:
-            with self.srv.client.stream("POST", self.srv.base + self.path, json=self.body,
-                                        headers=self.headers) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-                ns = r.extensions.get("network_stream")
-                if ns is not None:
-                    self._sock = ns.get_extra_info("socket")
-                buf = b""
-                for chunk in r.iter_raw():
-                    frames, buf = parse_sse(buf + chunk)
-                    t = now()
-                    for name, data in frames:
-                        self._take(t, name, data)
+            try:
+                self._stream()
+            except httpx.RemoteProtocolError:
+                # A pooled keep-alive connection that the server closed while it was idle
+                # (cpp-httplib, in llama-server, closes them after 5 s) fails before any answer:
+                # the client's pool, not the server, so the request goes again, timed afresh.
+                if self.tokens or self.events or self.t_closed is not None:
+                    raise
+                self._stream()
         except (httpx.HTTPError, OSError) as exc:
             if self.t_closed is None:
                 self.error = f"{type(exc).__name__}: {exc}"
@@ -300,6 +294,23 @@ class Gen(threading.Thread):
             self.done.set()
             with self._cond:
                 self._cond.notify_all()
+
+    def _stream(self) -> None:
+        self.t_send = now()
+        with self.srv.client.stream("POST", self.srv.base + self.path, json=self.body,
+                                    headers=self.headers) as r:
+            if r.status_code != 200:
+                r.read()
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+            ns = r.extensions.get("network_stream")
+            if ns is not None:
+                self._sock = ns.get_extra_info("socket")
+            buf = b""
+            for chunk in r.iter_raw():
+                frames, buf = parse_sse(buf + chunk)
+                t = now()
+                for name, data in frames:
+                    self._take(t, name, data)
 
     def _take(self, t: float, name: str, data: str) -> None:
         text: str | None = None
