@@ -50,8 +50,8 @@ from peers import (
     log,
     nonce,
     now,
-    parse_sse,
     quantile,
+    stream_sse,
 )
 
 DEFAULT_MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
@@ -234,21 +234,10 @@ class Stream(threading.Thread):
     def run(self) -> None:
         try:
             self.t_send = self.t_send or now()
-            with self.server.client.stream("POST", self.server.base + self.server.gen_path,
-                                           json=self.body) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-                stream = r.extensions.get("network_stream")
-                if stream is not None:
-                    self._sock = stream.get_extra_info("socket")
-                self._add(Event(now(), "headers", {}))
-                buf = b""
-                for chunk in r.iter_raw():
-                    frames, buf = parse_sse(buf + chunk)
-                    t = now()
-                    for name, data in frames:
-                        self._add(self.server.normalize(t, name, data))
+            stream_sse(self.server.client, self.server.base + self.server.gen_path, self.body,
+                       {}, on_open=self._opened,
+                       on_frame=lambda t, name, data: self._add(
+                           self.server.normalize(t, name, data)))
         except (httpx.HTTPError, OSError) as exc:
             if self.t_closed is None:
                 self.error = f"{type(exc).__name__}: {exc}"
@@ -258,6 +247,10 @@ class Stream(threading.Thread):
             self.done.set()
             with self._cond:
                 self._cond.notify_all()
+
+    def _opened(self, sock: socket.socket | None) -> None:
+        self._sock = sock
+        self._add(Event(now(), "headers", {}))
 
     def _add(self, ev: Event) -> None:
         with self._cond:

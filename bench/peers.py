@@ -238,6 +238,26 @@ def parse_sse(buf: bytes) -> tuple[list[tuple[str, str]], bytes]:
     return out, buf
 
 
+def stream_sse(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str],
+               *, on_open: Callable[[socket.socket | None], None],
+               on_frame: Callable[[float, str, str], None]) -> None:
+    """POST ``body`` to ``url`` and hand each SSE frame to ``on_frame(arrival, event, data)``
+    as it arrives; ``on_open`` gets the connection's socket (or None) once the answer is
+    200. Any other status raises."""
+    with client.stream("POST", url, json=body, headers=headers) as r:
+        if r.status_code != 200:
+            r.read()
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+        ns = r.extensions.get("network_stream")
+        on_open(None if ns is None else ns.get_extra_info("socket"))
+        buf = b""
+        for chunk in r.iter_raw():
+            frames, buf = parse_sse(buf + chunk)
+            t = now()
+            for name, data in frames:
+                on_frame(t, name, data)
+
+
 class Gen(threading.Thread):
     """One streaming generation as its client sees it: ``tokens`` are arrival times.
 
@@ -297,20 +317,11 @@ class Gen(threading.Thread):
 
     def _stream(self) -> None:
         self.t_send = now()
-        with self.srv.client.stream("POST", self.srv.base + self.path, json=self.body,
-                                    headers=self.headers) as r:
-            if r.status_code != 200:
-                r.read()
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-            ns = r.extensions.get("network_stream")
-            if ns is not None:
-                self._sock = ns.get_extra_info("socket")
-            buf = b""
-            for chunk in r.iter_raw():
-                frames, buf = parse_sse(buf + chunk)
-                t = now()
-                for name, data in frames:
-                    self._take(t, name, data)
+        stream_sse(self.srv.client, self.srv.base + self.path, self.body, self.headers,
+                   on_open=self._opened, on_frame=self._take)
+
+    def _opened(self, sock: socket.socket | None) -> None:
+        self._sock = sock
 
     def _take(self, t: float, name: str, data: str) -> None:
         text: str | None = None
