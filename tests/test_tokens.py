@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from orcd.api.chat import ChatMessage, ChatTemplate, tokenize_chat
 from orcd.engine import BatchEngine
 from orcd.engine.model import load_model
 from orcd.engine.tokens import PromptTokens, safe_pairs
@@ -111,6 +112,53 @@ def test_a_second_turn_tokenizes_only_what_is_new(tiny_model: Path) -> None:
         engine.close()
 
 
+class _Unremembered:
+    """A tokenizer with no memory: llama.cpp on each text, as the engine did before."""
+
+    def __init__(self, tokenize: Any) -> None:
+        self._tokenize = tokenize  # an _internals.LlamaModel's tokenize
+
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = True) -> list[int]:
+        return list(self._tokenize(text.encode("utf-8"), add_bos, special))
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "gemma"])
+def test_a_chats_next_turn_tokenizes_only_its_new_message(model_name: str,
+                                                          request: pytest.FixtureRequest
+                                                          ) -> None:
+    """The /v1 chat route tokenizes the template's pieces and each message apart: the next
+    turn hands llama.cpp only the new message (the rest are exact repeats), with the same
+    tokens as tokenizing every piece afresh. On Gemma too, whose template has control
+    tokens."""
+    if model_name == "gemma":
+        request.applymarker(pytest.mark.gemma)
+    path = request.getfixturevalue("gemma_model" if model_name == "gemma" else "tiny_model")
+    engine = BatchEngine(path, n_ctx=4096, threads=1, slots=1)
+    try:
+        model: Any = engine._model
+        given: list[int] = []
+        real = model.tokenize
+        fresh = _Unremembered(real)
+
+        def recording(text: bytes, add_bos: bool, special: bool) -> list[int]:
+            given.append(len(text))
+            return list(real(text, add_bos, special))
+
+        model.tokenize = recording
+        template = ChatTemplate.for_model(engine.info, engine)
+        history = [ChatMessage(role, f"{role} line {i}: the sea, the lamp and the log.")
+                   for i in range(10) for role in ("user", "assistant")]
+        tokenize_chat(template, history, engine)
+        given.clear()
+        turn = [*history, ChatMessage("user", "And the sky?")]
+        tokens = tokenize_chat(template, turn, engine).tokens
+        again = sum(given)
+        assert tokens == tokenize_chat(template, turn, fresh).tokens
+        assert again <= len("And the sky?"), f"{again} characters tokenized again"
+    finally:
+        engine.close()
+
+
 def test_without_pairs_every_prompt_is_tokenized_whole(tiny_whole: Whole) -> None:
     tokens = PromptTokens(tiny_whole, None, min_chars=1)
     text = "some words " * 200
@@ -137,6 +185,11 @@ def test_the_memory_is_bounded_and_an_extension_replaces_its_prefix(tiny_whole: 
         assert tokens.cached_chars() <= 5_000
     tokens.tokenize("x" * 6_000, add_bos=True, special=True)  # longer than the whole memory
     assert tokens.cached_chars() <= 5_000
+    short = PromptTokens(tiny_whole, None, short_entries=3)
+    for i in range(10):
+        assert short.tokenize(f"short {i}", add_bos=False, special=True) == \
+            tiny_whole(f"short {i}", False, True)
+        assert len(short._short) <= 3
 
 
 def test_bos_and_special_parsing_are_remembered_apart(tiny_whole: Whole) -> None:
