@@ -192,6 +192,16 @@ def test_the_memory_is_bounded_and_an_extension_replaces_its_prefix(tiny_whole: 
         assert len(short._short) <= 3
 
 
+def test_a_text_with_a_nul_is_never_cut(tiny_whole: Whole) -> None:
+    tokens = PromptTokens(tiny_whole, tiny_whole.pairs(), min_chars=1)
+    text = "words and \0 more words " * 40
+    tokens.tokenize(text, add_bos=True, special=True)
+    tiny_whole.chars = 0
+    longer = text + "and the end"
+    assert tokens.tokenize(longer, add_bos=True, special=True) == tiny_whole(longer, True, True)
+    assert tiny_whole.chars == 2 * len(longer) and tokens.reused_chars == 0
+
+
 def test_bos_and_special_parsing_are_remembered_apart(tiny_whole: Whole) -> None:
     tokens = PromptTokens(tiny_whole, tiny_whole.pairs(), min_chars=1)
     text = "a <bos> b " * 30

@@ -24,8 +24,10 @@ and ``llm_tokenizer_spm_session`` (``src/llama-vocab.cpp``):
 
 That holds only for the SPM tokenizer with no space prefix (``add_space_prefix`` true would
 put a space before the second part), no EOS appended, and no special token that strips the
-whitespace beside it (``LSTRIP``/``RSTRIP``). :func:`safe_pairs` checks each; the prompts of
-any other vocabulary are tokenized whole, as before.
+whitespace beside it (``LSTRIP``/``RSTRIP``), and where every token text is whole UTF-8
+characters (llama.cpp's special-token search is by bytes). :func:`safe_pairs` checks each;
+the prompts of any other vocabulary are tokenized whole, as before. So is a prompt with a
+NUL in it: llama.cpp hands token texts out as C strings, which end at a NUL.
 
 The tokens before the cut are the remembered tokens less those of the remembered text after
 the cut, which is tokenized again (it is short: the cut is the last safe point before the end
@@ -98,7 +100,9 @@ class PromptTokens:
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
         if len(text) < self._min_chars:
             return self._short_tokens(text, add_bos, special)
-        if self._pairs is None:
+        if self._pairs is None or "\0" in text:
+            # (llama.cpp hands token texts out as C strings: a token with a NUL in it would
+            # be cut short there, so a text with a NUL is never cut)
             return self._tokenize(text, add_bos, special)
         with self._lock:
             known = self._longest_known_prefix(text, add_bos, special)
@@ -211,8 +215,13 @@ def safe_pairs(vocab: Any, model: Any) -> frozenset[int] | None:
     # Every text at once, NUL-separated, as code points: 0.6 s for Gemma's 262,144 tokens
     # (a Python loop over the pairs took 1.9 s).
     joined = b"\0".join(llama_cpp.llama_vocab_get_text(vocab, t) for t in range(n_tokens))
-    points = np.frombuffer(joined.decode("utf-8", "replace").encode("utf-32-le"),
-                           dtype=np.uint32).astype(np.uint64)
+    try:
+        text = joined.decode("utf-8")
+    except UnicodeDecodeError:
+        # a special token of partial characters could match across a character boundary
+        # that its decoded pairs would not show
+        return None
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     left, right = points[:-1], points[1:]
     pairs = (left << np.uint64(21)) | right
     return frozenset(np.unique(pairs[(left != 0) & (right != 0)]).tolist())
