@@ -35,7 +35,13 @@ import trio
 from .. import logs
 from ..auth import ANONYMOUS, Principal
 from ..errors import InvalidRequest, OrcdError
-from .schema import CancelRequest, correlation_id_for, is_json_media_type, parse_json_object
+from .schema import (
+    CancelRequest,
+    cancel_accepted,
+    correlation_id_for,
+    is_json_media_type,
+    parse_json_object,
+)
 
 if TYPE_CHECKING:
     from ..server import Worker
@@ -142,7 +148,7 @@ class FastCancel:
             self._worker.metrics.rejected.labels(code=err.code).inc()
             status, body = err.http_status, err.envelope(cid)
         else:
-            status, body = 202, {"status": "cancelling", "job_id": job_id, "state": state}
+            status, body = 202, cancel_accepted(job_id, state)
         data = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"),

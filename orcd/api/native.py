@@ -20,6 +20,7 @@ from .app import json_response
 from .schema import (
     CancelRequest,
     ExecuteRequest,
+    cancel_accepted,
     is_json_media_type,
     parse_json_object,
     validate_job_id,
@@ -110,7 +111,7 @@ def register(app: QuartTrio, worker: Worker) -> None:
         owner = known_owner(worker, owner_named(named))
         state = await worker.registry.cancel_or_recall(req.job_id, g.correlation_id, caller(),
                                                        owner)
-        response = {"status": "cancelling", "job_id": req.job_id, "state": state}
+        response = cancel_accepted(req.job_id, state)
         if named is not None:
             response["principal"] = owner
         return json_response(response, 202)

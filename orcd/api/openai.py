@@ -38,7 +38,14 @@ from .app import json_response
 from .chat import ChatMessage, ChatTemplate, ChatTemplateError, content_text
 from .chat import tokenize_chat as _tokenize_chat
 from .native import caller, known_owner, owner_named, read_json
-from .schema import MAX_STOP_CHARS, MAX_STOPS, ExecuteRequest, job_id_problem, validate_job_id
+from .schema import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    ExecuteRequest,
+    cancel_accepted,
+    job_id_problem,
+    validate_job_id,
+)
 from .sse import JobStream, data_json
 
 if TYPE_CHECKING:
@@ -521,7 +528,7 @@ def register(app: QuartTrio, worker: Worker) -> None:
         owner = known_owner(worker, owner_named(request.args.get("principal")))
         state = await worker.registry.cancel_or_recall(job_id, g.correlation_id, caller(),
                                                        owner)
-        return json_response({"status": "cancelling", "job_id": job_id, "state": state}, 202)
+        return json_response(cancel_accepted(job_id, state), 202)
 
 
 async def _gather(job: Job, renderer: ChunkRenderer) -> Response:

@@ -30,6 +30,11 @@ def correlation_id_for(given: str) -> str:
     return given if CORRELATION_ID_RE.fullmatch(given) else secrets.token_hex(8)
 
 
+def cancel_accepted(job_id: str, state: str) -> dict[str, Any]:
+    """The body of a cancel's ``202`` (CONTRACT §4): what the job was when the cancel came."""
+    return {"status": "cancelling", "job_id": job_id, "state": state}
+
+
 def is_json_media_type(content_type: str) -> bool:
     """Whether a ``Content-Type`` value names JSON (or nothing): ``application/json``, any
     case, with or without parameters. The one rule for every route that reads a body."""
