@@ -87,39 +87,40 @@ def test_extended_prompts_get_exactly_the_whole_texts_tokens_on_gemma(gemma_mode
         whole.model.close()
 
 
+class Recorded:
+    """An engine's llama.cpp tokenizer, replaced by one that records the length of each text
+    it is handed. :meth:`tokenize` is llama.cpp with no memory, as the engine was before."""
+
+    def __init__(self, engine: BatchEngine) -> None:
+        model: Any = engine._model
+        self.real = model.tokenize  # (bytes, add_bos, special) -> tokens
+        self.given: list[int] = []
+        model.tokenize = self._recording
+
+    def _recording(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        self.given.append(len(text))
+        return list(self.real(text, add_bos, special))
+
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = True) -> list[int]:
+        return list(self.real(text.encode("utf-8"), add_bos, special))
+
+
 def test_a_second_turn_tokenizes_only_what_is_new(tiny_model: Path) -> None:
     """Through the engine: turn 2 of a long conversation hands llama.cpp's tokenizer only
     a few characters, and its tokens are those of the whole text."""
     engine = BatchEngine(tiny_model, n_ctx=4096, threads=1, slots=1)
     try:
-        model: Any = engine._model
-        given: list[int] = []
-        real = model.tokenize
-
-        def recording(text: bytes, add_bos: bool, special: bool) -> list[int]:
-            given.append(len(text))
-            return list(real(text, add_bos, special))
-
-        model.tokenize = recording
+        recorded = Recorded(engine)
         turn1 = "User: tell me about the sea.\nAssistant: It is wide and deep. " * 40
         turn2 = turn1 + "\nUser: and the sky?\nAssistant:"
         engine.tokenize(turn1)
-        given.clear()
+        recorded.given.clear()
         tokens = engine.tokenize(turn2)
-        assert tokens == list(real(turn2.encode(), True, True))
-        assert sum(given) < 200, f"turn 2 tokenized {sum(given)} of {len(turn2)} characters"
+        assert tokens == recorded.tokenize(turn2)
+        again = sum(recorded.given)
+        assert again < 200, f"turn 2 tokenized {again} of {len(turn2)} characters"
     finally:
         engine.close()
-
-
-class _Unremembered:
-    """A tokenizer with no memory: llama.cpp on each text, as the engine did before."""
-
-    def __init__(self, tokenize: Any) -> None:
-        self._tokenize = tokenize  # an _internals.LlamaModel's tokenize
-
-    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = True) -> list[int]:
-        return list(self._tokenize(text.encode("utf-8"), add_bos, special))
 
 
 @pytest.mark.parametrize("model_name", ["tiny", "gemma"])
@@ -135,25 +136,16 @@ def test_a_chats_next_turn_tokenizes_only_its_new_message(model_name: str,
     path = request.getfixturevalue("gemma_model" if model_name == "gemma" else "tiny_model")
     engine = BatchEngine(path, n_ctx=4096, threads=1, slots=1)
     try:
-        model: Any = engine._model
-        given: list[int] = []
-        real = model.tokenize
-        fresh = _Unremembered(real)
-
-        def recording(text: bytes, add_bos: bool, special: bool) -> list[int]:
-            given.append(len(text))
-            return list(real(text, add_bos, special))
-
-        model.tokenize = recording
+        recorded = Recorded(engine)
         template = ChatTemplate.for_model(engine.info, engine)
         history = [ChatMessage(role, f"{role} line {i}: the sea, the lamp and the log.")
                    for i in range(10) for role in ("user", "assistant")]
         tokenize_chat(template, history, engine)
-        given.clear()
+        recorded.given.clear()
         turn = [*history, ChatMessage("user", "And the sky?")]
         tokens = tokenize_chat(template, turn, engine).tokens
-        again = sum(given)
-        assert tokens == tokenize_chat(template, turn, fresh).tokens
+        again = sum(recorded.given)
+        assert tokens == tokenize_chat(template, turn, recorded).tokens
         assert again <= len("And the sky?"), f"{again} characters tokenized again"
     finally:
         engine.close()
