@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peers import Gen, Proc, log, ms, nonce, now, p50_p99, quantile
+from peers import THREADS, Gen, Proc, log, ms, nonce, now, p50_p99, quantile
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a lost whale."
 LEVELS = (1, 2, 4, 8)
+RAW = "raw llama.cpp (in-process)"
 
 
 def systems_for_concurrency(model: Path, logdir: Path, llama_server: Any
@@ -50,6 +51,83 @@ def systems_for_concurrency(model: Path, logdir: Path, llama_server: Any
     return out
 
 
+class RawBatch:
+    """Raw llama.cpp in-process, doing one level's work with no server: ``n`` unique
+    prompts evaluated together in one ``llama_decode``, then a step of one token for each of
+    the ``n`` sequences (argmax of its logits) until each has ``tokens``. One context with a
+    unified KV cache, like orcd's and llama-server's; flash attention and threads as the
+    servers have them. Its 4-to-1 ratio is what batching gives on this machine and build at
+    that moment, which bounds the "4 clients >= 2.2x one client" goal of any server."""
+
+    def __init__(self, model: Path, max_seqs: int = max(LEVELS), n_ctx_seq: int = 256) -> None:
+        import llama_cpp
+
+        self.lc = llama_cpp
+        self.llm = llama_cpp.Llama(str(model), n_ctx=256, n_threads=THREADS,
+                                   n_threads_batch=THREADS, verbose=False)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = max_seqs * n_ctx_seq
+        params.n_batch = params.n_ubatch = max_seqs * n_ctx_seq
+        params.n_seq_max = max_seqs
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = THREADS
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
+        if not self.ctx:
+            raise RuntimeError("raw llama.cpp: could not create the batch context")
+        self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+        self.n_vocab = self.llm.n_vocab()
+        self.n_ctx_seq = n_ctx_seq
+
+    def _decode(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode`` of (token, position, sequence, wants logits) rows."""
+        b = self.batch
+        for i, (token, pos, seq, logits) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i] = token, pos, 1
+            b.seq_id[i][0], b.logits[i] = seq, logits
+        b.n_tokens = len(rows)
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"raw llama.cpp: llama_decode returned {rc}")
+
+    def _argmax(self, index: int) -> int:
+        import numpy as np
+
+        row = self.lc.llama_get_logits_ith(self.ctx, index)
+        return int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
+
+    def __call__(self, n: int, tokens: int) -> dict[str, Any]:
+        """One sample of level ``n``, in :func:`one_level`'s form (TTFT from the start)."""
+        prompts = [list(self.llm.tokenize(f"[{nonce()}] {PROMPT}".encode(), add_bos=True,
+                                          special=True)) for _ in range(n)]
+        if max(len(p) for p in prompts) + tokens > self.n_ctx_seq:
+            raise RuntimeError("raw llama.cpp: a sequence would not fit its share of the KV")
+        mem = self.lc.llama_get_memory(self.ctx)
+        self.lc.llama_memory_clear(mem, True)
+        t0 = now()
+        rows = [(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)]
+        self._decode(rows)
+        last = [self._argmax(i) for i, row in enumerate(rows) if row[3]]
+        stamps = [[now()] for _ in range(n)]
+        pos = [len(p) for p in prompts]
+        for _ in range(tokens - 1):
+            self._decode([(last[s], pos[s], s, True) for s in range(n)])
+            last = [self._argmax(s) for s in range(n)]
+            t = now()
+            for s in range(n):
+                pos[s] += 1
+                stamps[s].append(t)
+        wall = stamps[0][-1] - t0
+        return {"tokens": n * tokens, "wall_s": wall, "tok_s": n * tokens / wall,
+                "ttft_s": [x[0] - t0 for x in stamps],
+                "itl_s": [b - a for x in stamps for a, b in zip(x, x[1:], strict=False)]}
+
+    def close(self) -> None:
+        self.lc.llama_batch_free(self.batch)
+        self.lc.llama_free(self.ctx)
+        self.llm.close()
+
+
 def one_level(srv: Proc, clients: int, tokens: int) -> dict[str, Any]:
     """``clients`` streams sent at once; every token's arrival, as raw samples."""
     gens = [srv.gen(f"[{nonce()}] {PROMPT}", tokens, native=False) for _ in range(clients)]
@@ -65,17 +143,23 @@ def one_level(srv: Proc, clients: int, tokens: int) -> dict[str, Any]:
 
 
 def measure_concurrency(systems: list[tuple[Proc, tuple[int, ...]]], rounds: int,
-                        tokens: int) -> dict[str, Any]:
-    """``rounds`` interleaved rounds over every (system, level); raw samples per cell."""
+                        tokens: int, in_process: RawBatch | None = None) -> dict[str, Any]:
+    """``rounds`` interleaved rounds over every (system, level), and ``in_process`` (a
+    :class:`RawBatch`, or None) at each level in the same rounds; raw samples per cell."""
     raw: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for srv, levels in systems:  # warm-up: first-use costs are not what is measured
         srv.gen(f"[{nonce()}] {PROMPT}", 8, native=False).finish()
         raw[srv.name] = {n: [] for n in levels}
+    if in_process is not None:
+        in_process(1, 8)
+        raw[RAW] = {n: [] for n in LEVELS}
     for r in range(rounds):
         for n in LEVELS:
             for srv, levels in systems:
                 if n in levels:
                     raw[srv.name][n].append(one_level(srv, n, tokens))
+            if in_process is not None:
+                raw[RAW][n].append(in_process(n, tokens))
         log(f"concurrency: round {r + 1}/{rounds} done")
     summary: dict[str, Any] = {}
     for name, cells in raw.items():
@@ -86,8 +170,30 @@ def measure_concurrency(systems: list[tuple[Proc, tuple[int, ...]]], rounds: int
                 "ttft_s": p50_p99([t for x in runs for t in x["ttft_s"]]),
                 "itl_s": p50_p99([t for x in runs for t in x["itl_s"]]),
             }
-    return {"tokens_per_request": tokens, "rounds": rounds, "summary": summary,
+    goals = goal_ratios(summary)
+    log("concurrency: " + ", ".join(f"{k} {v:.2f}x" for k, v in goals.items()))
+    return {"tokens_per_request": tokens, "rounds": rounds, "summary": summary, "goals": goals,
             "samples": {k: {str(n): v for n, v in c.items()} for k, c in raw.items()}}
+
+
+def goal_ratios(summary: dict[str, Any]) -> dict[str, float]:
+    """Issue #8's throughput goals read off the medians: orcd at 4 clients against
+    llama-server ``--parallel 4``, and each system's 4-client figure over its 1-client one."""
+    def tok_s(name: str, n: int) -> float | None:
+        cell = summary.get(name, {}).get(n) or summary.get(name, {}).get(str(n))
+        return cell["tok_s"] if cell else None
+
+    out: dict[str, float] = {}
+    orcd4, ls4 = tok_s("orcd-slots4", 4), tok_s("llama-server-p4", 4)
+    if orcd4 and ls4:
+        out["orcd 4 clients / llama-server 4"] = orcd4 / ls4
+    for label, one, four in (("orcd", "orcd-slots4", "orcd-slots4"),
+                             ("llama-server", "llama-server-p1", "llama-server-p4"),
+                             ("raw llama.cpp", RAW, RAW)):
+        a, b = tok_s(one, 1), tok_s(four, 4)
+        if a and b:
+            out[f"{label} 4 / 1"] = b / a
+    return out
 
 
 def concurrency_rows(res: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -95,7 +201,7 @@ def concurrency_rows(res: dict[str, Any]) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     s = res.get("summary", {})
     order = ["orcd-slots4", "orcd-slots8", *[f"llama-server-p{n}" for n in LEVELS],
-             "llama_cpp.server"]
+             "llama_cpp.server", RAW]
     for n in LEVELS:
         for name in order:
             cell = s.get(name, {}).get(n) or s.get(name, {}).get(str(n))

@@ -2,7 +2,8 @@
 
 ``run_sections(...)`` measures, on one machine and model, side by side:
 
-* ``concurrency`` -- 1/2/4/8 clients: orcd, llama-server, llama_cpp.server (concurrency.py);
+* ``concurrency`` -- 1/2/4/8 clients: orcd, llama-server, llama_cpp.server, and raw
+  llama.cpp in-process doing the same work (concurrency.py);
 * ``cancel-load`` -- cancel one of four running jobs: orcd, llama-server (concurrency.py);
 * ``turns``       -- a chat's second turn, prefix reuse: orcd, llama-server (turns.py);
 * ``sdk``         -- the openai SDK closing a stream: orcd, llama_cpp.server (turns.py);
@@ -75,8 +76,13 @@ def run_sections(model: Path, logdir: Path, root: Path, sections: tuple[str, ...
         slots1 = Proc("orcd-slots1", "orcd", lambda p: orcd_command(model, p, slots=1), logdir)
         with _section("load sections", errors, [s for s, _ in systems] + [slots1], logdir):
             if "concurrency" in sections:
-                res["concurrency"] = concurrency.measure_concurrency(
-                    systems, rounds=1 if quick else 3, tokens=32 if quick else 64)
+                raw_batch = concurrency.RawBatch(model)
+                try:
+                    res["concurrency"] = concurrency.measure_concurrency(
+                        systems, rounds=1 if quick else 3, tokens=32 if quick else 64,
+                        in_process=raw_batch)
+                finally:
+                    raw_batch.close()
                 md.append("### Concurrent clients (issue #8)\n\n" + table(
                     concurrency.CONCURRENCY_HEAD, concurrency.concurrency_rows(
                         res["concurrency"])))
