@@ -150,7 +150,8 @@ def charts(res: dict[str, Any], outdir: Path) -> list[Path]:
         lines = [("orcd --slots 4", ["orcd-slots4"] * 4, "#1f77b4"),
                  ("llama-server --parallel N", [f"llama-server-p{n}" for n in (1, 2, 4, 8)],
                   "#2ca02c"),
-                 ("llama_cpp.server", ["llama_cpp.server"] * 4, "#d62728")]
+                 ("llama_cpp.server", ["llama_cpp.server"] * 4, "#d62728"),
+                 ("raw llama.cpp, no server", [concurrency.RAW] * 4, "#7f7f7f")]
         for label, names, color in lines:
             xs: list[int] = []
             tps: list[float] = []
