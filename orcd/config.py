@@ -158,8 +158,8 @@ _FLAGS: list[tuple[str, str, object, str]] = [
      "nice value 0-19 of the engine's threads, so the HTTP loop (cancels, /health) wins the "
      "CPU when it needs it; 0 shares the CPU evenly with other programs (default 10)"),
     ("--prefix-cache-tokens", "prefix_cache_tokens", _non_negative_int,
-     "KV positions kept for prompt prefixes of finished jobs; 0 turns the cache off "
-     "(default 4096)"),
+     "KV positions kept for what finished jobs evaluated (prompt and generated tokens), "
+     "reused by prompts that start with it; 0 turns the cache off (default 4096)"),
     ("--queue-depth", "queue_depth", _non_negative_int,
      "jobs that may wait beyond the slots (default 16)"),
     ("--max-tokens-out", "max_tokens_out", _positive_int,

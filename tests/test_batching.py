@@ -401,19 +401,23 @@ async def test_a_fifth_job_takes_the_slot_the_first_ending_job_frees(tiny_model:
 
 
 async def test_second_turn_evaluates_only_the_appended_tokens(tiny_model: Path) -> None:
+    """Turn 2 resends turn 1 and its answer: both come from the cache, and only the new
+    question is evaluated."""
     first_turn = "User: " + LONG_PROMPT + "\nAssistant:"
     async with running_worker(tiny_model) as h:
-        pieces, _ = output(await h.execute(job_id="turn-1", **greedy(first_turn, 30)))
+        pieces, end = output(await h.execute(job_id="turn-1", **greedy(first_turn, 30)))
+        assert (end["stop_reason"], end["tokens_out"]) == ("max_tokens", 30)
         second_turn = first_turn + "".join(pieces) + "\nUser: and then?\nAssistant:"
         t1, t2 = h.engine.tokenize(first_turn), h.engine.tokenize(second_turn)
         assert t2[: len(t1)] == t1 and len(t1) > 500
+        seen = len(t1) + 29  # the prompt and the answer, but its last token: never fed back
         before, hits_before = h.engine.statistics(), metric(await metrics(h),
                                                             "orcd_prefix_cache_hit_tokens_total")
         second = output(await h.execute(job_id="turn-2", **greedy(second_turn, 30)))
         after, hits_after = h.engine.statistics(), metric(await metrics(h),
                                                           "orcd_prefix_cache_hit_tokens_total")
-        assert after.prompt_tokens_evaluated - before.prompt_tokens_evaluated == len(t2) - len(t1)
-        assert hits_after - hits_before == len(t1)
+        assert after.prompt_tokens_evaluated - before.prompt_tokens_evaluated == len(t2) - seen
+        assert hits_after - hits_before == seen
         await assert_clean(h)
     async with running_worker(tiny_model) as fresh:
         assert output(await fresh.execute(job_id="turn-2", **greedy(second_turn, 30))) == second

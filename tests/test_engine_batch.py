@@ -136,6 +136,15 @@ def make_engine(tiny_model: Path) -> Iterator[Callable[..., Driver]]:
         d.close()
 
 
+def cached_positions(d: Driver, prompt: str, outcome: Outcome) -> int:
+    """What a sequence that ended in its decode phase leaves in the prefix cache: its prompt
+    and each generated token a step fed back, which is every one it reported except one that
+    ended it (the max_tokens-th, or the one completing a stop sequence; an end-of-generation
+    token is not reported)."""
+    last_unfed = outcome.stop_reason in ("max_tokens", "stop_sequence")
+    return len(d.engine.tokenize(prompt)) + outcome.tokens_out - last_unfed
+
+
 def alone(make_engine: Callable[..., Driver], prompts: list[str], **kw: Any) -> list[str]:
     """Each prompt's output on a fresh engine, with nothing else running."""
     d = make_engine()
@@ -237,9 +246,10 @@ def test_cancel_in_prompt_phase_leaves_the_others_unchanged(
     assert cancelled.status == "cancelled" and cancelled.phase == "prompt"
     assert 0 < cancelled.prompt_tokens_evaluated < len(d.engine.tokenize(LONG_PROMPT))
     assert victim[0].sink.tokens == []  # type: ignore[attr-defined]
-    # a prompt cancelled half-way is never cached: only the three others' prompts are
+    # a prompt cancelled half-way is never cached: only the three others' work is
     stats = d.engine.statistics()
-    assert stats.prefix_cache_tokens == sum(len(d.engine.tokenize(p)) for p in others)
+    assert stats.prefix_cache_tokens == sum(cached_positions(d, p, o)
+                                            for p, o in zip(others, outcomes, strict=True))
     d.assert_only_cache_holds_kv()
 
 
@@ -265,9 +275,13 @@ def test_cancel_in_decode_phase_sends_no_further_token(
     assert cancelled.status == "cancelled" and cancelled.phase == "decode"
     at_cancel = watcher.victim_tokens_at_cancel  # type: ignore[attr-defined]
     assert at_cancel > 0 and len(victim_rec.tokens) == at_cancel == cancelled.tokens_out
-    # its prompt was fully evaluated, so it stays in the prefix cache with the others'
-    stats = d.engine.statistics()
-    assert stats.prefix_cache_tokens == sum(len(d.engine.tokenize(p)) for p in PROMPTS)
+    # its prompt was fully evaluated, so it stays in the prefix cache with the others' work,
+    # and so do the tokens it had generated: all of them, or all but the last one if the
+    # cancel was seen before a step fed that one back
+    others_cached = sum(cached_positions(d, p, o) for p, o in zip(others, outcomes, strict=True))
+    victim_cached = d.engine.statistics().prefix_cache_tokens - others_cached
+    n_victim = len(d.engine.tokenize(PROMPTS[3]))
+    assert victim_cached - n_victim in (cancelled.tokens_out - 1, cancelled.tokens_out)
     d.assert_only_cache_holds_kv()
 
 
@@ -390,10 +404,34 @@ def test_prefix_cache_hit_evaluates_only_new_tokens(make_engine: Callable[..., D
     assert outcome.prompt_tokens_cached == n_base
     assert outcome.prompt_tokens_evaluated == n_longer - n_base
     assert text == ref_longer
-    stats = fresh.engine.statistics()
-    # the longer prompt's entry replaced the base one it covers
-    assert (stats.prefix_cache_entries, stats.prefix_cache_tokens) == (1, n_longer)
+    # the longer prompt does not cover the base prompt's answer: both stay
+    assert fresh.engine.statistics().prefix_cache_entries == 2
     fresh.assert_only_cache_holds_kv()
+
+
+def test_a_next_turn_evaluates_only_what_follows_the_answer(
+        make_engine: Callable[..., Driver]) -> None:
+    """A chat client resends the answer it got in its next turn. The tokens a sequence
+    generated are cached with its prompt, so the next turn evaluates only its new text, and
+    gets the output of a fresh evaluation of the whole."""
+    base = "You are a helpful assistant. Answer briefly. Question: what is rain?"
+    d = make_engine()
+    answer, first = d.run(base, max_tokens=24)
+    assert first.stop_reason == "max_tokens" and first.tokens_out == 24
+    turn2 = base + answer + " And snow?"
+    ref_turn2, _ = make_engine().run(turn2, max_tokens=24)
+    n_seen = len(d.engine.tokenize(base)) + 23  # the 24th token was never fed back
+    assert d.engine.statistics().prefix_cache_tokens == n_seen
+
+    text, outcome = d.run(turn2, max_tokens=24)
+    assert outcome.prompt_tokens_cached == n_seen
+    assert outcome.prompt_tokens_evaluated == len(d.engine.tokenize(turn2)) - n_seen
+    assert text == ref_turn2
+    # turn 2's entry covers turn 1's, which it replaced
+    stats = d.engine.statistics()
+    assert (stats.prefix_cache_entries, stats.prefix_cache_tokens) == (
+        1, cached_positions(d, turn2, outcome))
+    d.assert_only_cache_holds_kv()
 
 
 def test_prefix_cache_is_lru_bounded(make_engine: Callable[..., Driver]) -> None:

@@ -16,9 +16,11 @@ Cancelling (:meth:`BatchEngine.cancel`, right after the job's ``CancelFlag`` was
   the step's members, so a cancel that arrives late can only ever abort the step it saw.
 
 KV cells are never held by anything but running sequences and the prefix cache
-(:mod:`.prefix_cache`); a finished sequence's prompt stays there for reuse unless it was
-cancelled during its prompt. The context holds ``n_ctx * slots + prefix_cache_tokens``
-cells, so every job always has room for its full ``n_ctx``.
+(:mod:`.prefix_cache`); what a finished sequence evaluated, its prompt and the tokens it
+generated (all but the last, which no step fed), stays there for reuse unless it was
+cancelled during its prompt: a chat's next turn resends the answer, and finds it cached.
+The context holds ``n_ctx * slots + prefix_cache_tokens`` cells, so every job always has
+room for its full ``n_ctx``.
 
 Choosing ``step_tokens`` (bench/step_budget.py measures it): a step's time grows with its
 prompt tokens, and on a CPU the abort callback cuts a step short within one graph node, so
@@ -85,6 +87,8 @@ class _Seq:
     n_past: int = 0  # positions held in the KV cache
     n_cached: int = 0  # prompt positions taken from the prefix cache
     n_evaluated: int = 0  # prompt positions evaluated by this sequence's steps
+    # generated tokens its steps have fed (positions len(prompt) .. n_past - 1 of its KV)
+    fed: list[int] = attrs.Factory(list)
     tokens_out: int = 0
     next_token: int = -1  # decode phase: the sampled token its next step feeds
     t_decode: float = 0.0
@@ -456,6 +460,8 @@ class BatchEngine:
                 self._totals[0] += n
                 if seq.n_past < len(seq.prompt):
                     continue
+            else:
+                seq.fed.append(seq.next_token)
             if seq.req.flag.is_set():
                 self._finish(seq, "cancelled")
                 continue
@@ -497,11 +503,12 @@ class BatchEngine:
 
     def _finish(self, seq: _Seq, status: Literal["completed", "cancelled", "failed"],
                 **fields: Any) -> None:
-        """Free the sequence's cells (its evaluated prompt goes to the prefix cache unless it
-        was cancelled during the prompt), then report how it ended."""
+        """Free the sequence's cells (what it evaluated, its prompt and the tokens it generated,
+        goes to the prefix cache unless it was cancelled during the prompt), then report how
+        it ended."""
         keep = min(seq.n_past, len(seq.prompt))
         if not (status == "cancelled" and seq.phase == "prompt") and keep > 0:
-            self._cache.insert(seq.prompt[:keep], seq.owner)
+            self._cache.insert(seq.prompt[:keep] + tuple(seq.fed), seq.owner)
         self._kv.drop(seq.owner)
         self._live.remove(seq)
         self._free_slots.append(seq.slot)

@@ -1,8 +1,9 @@
-"""The prefix cache: evaluated prompt positions kept in the KV cache for reuse.
+"""The prefix cache: evaluated positions kept in the KV cache for reuse.
 
-When a sequence ends, its fully evaluated prompt positions stay in the one llama.cpp
-context under a cache sequence id (``llama_memory_seq_cp`` shares the cells, nothing is
-copied), bounded by a token budget and evicted least recently used first. A new prompt
+When a sequence ends, the positions it evaluated (its prompt, then the tokens it generated
+and fed back) stay in the one llama.cpp context under a cache sequence id
+(``llama_memory_seq_cp`` shares the cells, nothing is copied), bounded by a token budget
+and evicted least recently used first. A new prompt
 that starts with a cached prefix copies it into its own sequence and evaluates only the
 rest.
 
@@ -106,7 +107,7 @@ class PrefixCache:
         return best_n
 
     def insert(self, tokens: Sequence[int], owner: int) -> None:
-        """Keep positions [0, len(tokens)) of ``owner`` (whose prompt starts with ``tokens``).
+        """Keep positions [0, len(tokens)) of ``owner``, which evaluated ``tokens`` there.
 
         A prefix longer than the whole budget is cut to it; entries that are prefixes of
         the new one are dropped (it covers them); when an entry already covers ``tokens``,
