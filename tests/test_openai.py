@@ -472,3 +472,35 @@ async def test_gemma_chat_answers_and_keeps_turn_markers_as_text(gemma_model: Pa
         answer = reply.choices[0].message.content or ""
         assert "Paris" in answer, answer
         assert reply.choices[0].finish_reason == "stop" and "User:" not in answer
+
+
+@pytest.mark.gemma
+async def test_gemma_chat_next_turn_takes_the_answer_from_the_cache(gemma_model: Path) -> None:
+    """The next turn resends the answer: "Assistant: " then its text. Tokenized as two
+    parts, the space would be a token of its own, where the model wrote "▁Paris" as one; the
+    template's space goes with the message, so the answer matches the tokens the model
+    generated, and comes from the prefix cache."""
+    async with running_worker(gemma_model, n_ctx=512) as h:
+        engine = h.engine
+        template = ChatTemplate.for_model(engine.info, engine)
+        assert template.name == "transcript"
+        question = ChatMessage("user", "Which city is the capital of France?")
+        async with async_client(h) as client:
+            first = await client.chat.completions.create(
+                model="gemma-3-270m-q4_k_m", max_tokens=24, temperature=0,
+                messages=[{"role": "user", "content": question.content}])
+            answer = first.choices[0].message.content or ""
+            assert answer and first.usage is not None
+            n_first = first.usage.prompt_tokens
+            cached_before = engine.statistics().prompt_tokens_cached
+            turn2 = [question, ChatMessage("assistant", answer), ChatMessage("user", "And Italy?")]
+            second = await client.chat.completions.create(
+                model="gemma-3-270m-q4_k_m", max_tokens=8, temperature=0,
+                messages=[{"role": m.role, "content": m.content} for m in turn2])
+        assert second.choices[0].message.content
+        n_answer = len(engine.tokenize(" " + answer, special=False, add_bos=False))
+        cached = engine.statistics().prompt_tokens_cached - cached_before
+        assert cached >= n_first + n_answer, (cached, n_first, n_answer)
+        assert tokenize_chat(template, turn2, engine).tokens[: n_first + n_answer] == (
+            tokenize_chat(template, [question], engine).tokens
+            + engine.tokenize(" " + answer, special=False, add_bos=False))

@@ -178,11 +178,21 @@ def tokenize_chat(template: ChatTemplate, messages: Sequence[ChatMessage],
     """Render ``messages`` and tokenize them; message text is never parsed for special tokens.
 
     The template emits BOS itself where it wants one; a model that adds BOS gets exactly
-    one, whether or not the template wrote it.
+    one, whether or not the template wrote it. A space that ends the template's text right
+    before a message is tokenized with the message (``"Assistant:" + " Paris"``):
+    SentencePiece and byte-level BPE vocabularies join a word's leading space to the word,
+    which is how the whole text tokenizes and how the model writes its answers, so an
+    answer sent back in the next turn has the tokens the model generated (and its positions
+    come from the prefix cache).
     """
     parts = template.render(messages)
     tokens: list[int] = []
-    for text, is_message in parts:
+    lead = ""  # the space carried from a template part into the message after it
+    for k, (text, is_message) in enumerate(parts):
+        text, lead = lead + text, ""
+        if (not is_message and text.endswith(" ") and k + 1 < len(parts)
+                and parts[k + 1][1]):
+            text, lead = text[:-1], " "
         tokens += tokenizer.tokenize(text, special=not is_message, add_bos=False)
     bos = template.bos_id
     if bos is not None:
