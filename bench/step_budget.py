@@ -12,7 +12,9 @@ Everything goes through BatchEngine's public API, timed from outside:
   (the step is aborted) and a decoding sequence is cancelled mid-step (it leaves when the
   step ends); time from ``cancel()`` to ``finished``.
 * determinism: each of N prompts greedily alone, again alone (a prefix cache hit), and in
-  groups of four; how many outputs differ from the first alone run.
+  groups of four; how many outputs differ from the first alone run. Then each prompt's next
+  turn (the prompt, its answer, a new line): right after its turn 1, so the answer comes
+  from the prefix cache, against a worker with no cache evaluating it whole.
 """
 
 from __future__ import annotations
@@ -144,8 +146,24 @@ def measure_determinism(model: Path, n_prompts: int, max_tokens: int,
         for i in range(0, len(prompts), 4):
             batched += b.run(prompts[i:i + 4], max_tokens)
         cached = b.engine.statistics().prompt_tokens_cached
+        # a next turn that resends the answer: its positions come from the cache, computed
+        # while the answer was generated (each turn 1 runs right before its turn 2)
+        next_turns = [f"{p}{out}\nTell me more." for p, out in zip(prompts, alone, strict=True)]
+        with_answer_cached = []
+        answer_reused = 0
+        for p, turn in zip(prompts, next_turns, strict=True):
+            b.run([p], max_tokens)
+            before = b.engine.statistics().prompt_tokens_cached
+            with_answer_cached += b.run([turn], max_tokens)
+            reused = b.engine.statistics().prompt_tokens_cached - before
+            answer_reused += reused > len(b.engine.tokenize(p))
     finally:
         b.close()
+    fresh = Bench(model, threads=threads, prefix_cache_tokens=0)
+    try:
+        next_turns_fresh = [fresh.run([t], max_tokens)[0] for t in next_turns]
+    finally:
+        fresh.close()
 
     def first_diff(a: str, b: str) -> int:
         pairs = enumerate(zip(a, b, strict=False))
@@ -159,6 +177,9 @@ def measure_determinism(model: Path, n_prompts: int, max_tokens: int,
         "batched_first_diff_chars": [first_diff(a, c)
                                      for a, c in zip(alone, batched, strict=True) if a != c],
         "prompt_tokens_cached_total": cached,
+        "next_turn_answer_from_cache": answer_reused,
+        "next_turn_cached_vs_fresh_differ": sum(
+            a != c for a, c in zip(with_answer_cached, next_turns_fresh, strict=True)),
     }
 
 
