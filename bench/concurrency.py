@@ -5,8 +5,10 @@
 aggregate tokens/s (all tokens over first send -> last token), TTFT and inter-token latency
 p50/p99 over every request and gap. Systems: orcd ``--slots 4`` (8 clients: 4 generate,
 4 wait in its queue) and ``--slots 8`` for the 8 row, llama-server ``--parallel N``
-(continuous batching) for each N, and llama_cpp.server (one request at a time). Levels and
-systems are interleaved, round after round, so a noisy neighbour hits them all alike.
+(continuous batching) for each N, and llama_cpp.server (one request at a time); beside them
+:class:`RawBatch`, raw llama.cpp doing the same work in-process with no server in the way.
+Levels and systems are interleaved, round after round, so a noisy neighbour hits them all
+alike.
 
 :func:`measure_cancel_under_load`: four jobs generate, a fifth waits for a slot; one of the
 four is cancelled (orcd: ``POST /cancel``; llama-server: the client closes the connection,
@@ -56,8 +58,10 @@ class RawBatch:
     prompts evaluated together in one ``llama_decode``, then a step of one token for each of
     the ``n`` sequences (argmax of its logits) until each has ``tokens``. One context with a
     unified KV cache, like orcd's and llama-server's; flash attention and threads as the
-    servers have them. Its 4-to-1 ratio is what batching gives on this machine and build at
-    that moment, which bounds the "4 clients >= 2.2x one client" goal of any server."""
+    servers have them. Its 4-to-1 ratio is what batching alone gives on this machine and
+    build at that moment. It is a reference, not a bound: a server's prompts arrive one
+    after another, so its first jobs decode while the later prompts are evaluated, where
+    here every sequence waits for all four prompts."""
 
     def __init__(self, model: Path, max_seqs: int = max(LEVELS), n_ctx_seq: int = 256) -> None:
         import llama_cpp
