@@ -503,9 +503,9 @@ class BatchEngine:
 
     def _finish(self, seq: _Seq, status: Literal["completed", "cancelled", "failed"],
                 **fields: Any) -> None:
-        """Free the sequence's cells (what it evaluated, its prompt and the tokens it generated,
-        goes to the prefix cache unless it was cancelled during the prompt), then report how
-        it ended."""
+        """Free the sequence's cells, then report how it ended. What it evaluated (its prompt
+        and the tokens it generated and fed back) goes to the prefix cache first, unless it
+        was cancelled during the prompt."""
         keep = min(seq.n_past, len(seq.prompt))
         if not (status == "cancelled" and seq.phase == "prompt") and keep > 0:
             self._cache.insert(seq.prompt[:keep] + tuple(seq.fed), seq.owner)

@@ -3,9 +3,8 @@
 When a sequence ends, the positions it evaluated (its prompt, then the tokens it generated
 and fed back) stay in the one llama.cpp context under a cache sequence id
 (``llama_memory_seq_cp`` shares the cells, nothing is copied), bounded by a token budget
-and evicted least recently used first. A new prompt
-that starts with a cached prefix copies it into its own sequence and evaluates only the
-rest.
+and evicted least recently used first. A new prompt that starts with a cached prefix copies
+it into its own sequence and evaluates only the rest.
 
 Every owner of KV cells (a slot or a cache entry) holds *two* sequence ids: ``base`` and
 its pin ``base + 1``, and every position belongs to both (the engine puts both ids on each
