@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from orcd.engine import BatchEngine, CancelFlag, Outcome, SamplingParams, SeqRequest
@@ -312,25 +313,45 @@ def _long_prompt_dominates(stats: Any) -> bool:
     return any(s.phase == "prompt" and s.step_tokens >= 128 for s in stats.running)
 
 
+@attrs.define
+class HeldLongPrompt:
+    """Three sequences decoding and a long prompt (the victim) held inside the step its
+    chunk dominates; ``ref``: the three outputs, each alone on a fresh engine."""
+
+    d: Driver
+    ref: list[str]
+    started: list[tuple[SeqRequest, Recorder]]
+    hold: Hold
+    victim: SeqRequest
+    victim_rec: Recorder
+
+    @classmethod
+    def start(cls, make_engine: Callable[..., Driver]) -> HeldLongPrompt:
+        others = PROMPTS[:3]
+        ref = alone(make_engine, others, max_tokens=40)
+        d = make_engine(step_tokens=256)
+        started = [d.start(p, max_tokens=40) for p in others]
+        for _, rec in started:
+            assert rec.decoding.wait(WAIT)
+        hold = Hold(d.engine, _long_prompt_dominates)
+        d.engine.set_abort_probe(hold)
+        victim, victim_rec = d.start(LONG_PROMPT, max_tokens=40)
+        assert hold.entered.wait(WAIT)
+        return cls(d, ref, started, hold, victim, victim_rec)
+
+
 def test_cancel_of_the_dominating_sequence_aborts_the_step(
         make_engine: Callable[..., Driver]) -> None:
-    others = PROMPTS[:3]
-    ref = alone(make_engine, others, max_tokens=40)
-    d = make_engine(step_tokens=256)
-    started = [d.start(p, max_tokens=40) for p in others]
-    for _, rec in started:
-        assert rec.decoding.wait(WAIT)
-    hold = Hold(d.engine, _long_prompt_dominates)
-    d.engine.set_abort_probe(hold)
-    victim, victim_rec = d.start(LONG_PROMPT, max_tokens=40)
-    assert hold.entered.wait(WAIT)
+    held = HeldLongPrompt.start(make_engine)
+    d, started, hold, victim, victim_rec = (held.d, held.started, held.hold, held.victim,
+                                            held.victim_rec)
     stats = d.engine.statistics()
     assert stats.step_running and stats.steps_aborted == 0
     d.cancel(victim)  # inside the decode: the step is aborted, not finished
     hold.release.set()
     cancelled = victim_rec.wait()
     assert [rec.wait().status for _, rec in started] == ["completed"] * 3
-    assert [rec.text for _, rec in started] == ref
+    assert [rec.text for _, rec in started] == held.ref
     assert d.engine.statistics().steps_aborted == 1
     assert cancelled.status == "cancelled" and cancelled.phase == "prompt"
     # the aborted chunk was rolled back: only the chunk before it had been evaluated
@@ -360,16 +381,9 @@ def test_cancel_of_a_minor_member_does_not_abort_the_step(
 
 
 def test_a_late_cancel_cannot_abort_the_next_step(make_engine: Callable[..., Driver]) -> None:
-    others = PROMPTS[:3]
-    ref = alone(make_engine, others, max_tokens=40)
-    d = make_engine(step_tokens=256)
-    started = [d.start(p, max_tokens=40) for p in others]
-    for _, rec in started:
-        assert rec.decoding.wait(WAIT)
-    hold = Hold(d.engine, _long_prompt_dominates)
-    d.engine.set_abort_probe(hold)
-    victim, victim_rec = d.start(LONG_PROMPT, max_tokens=40)
-    assert hold.entered.wait(WAIT)
+    held = HeldLongPrompt.start(make_engine)
+    d, started, hold, victim, victim_rec = (held.d, held.started, held.hold, held.victim,
+                                            held.victim_rec)
     d.cancel(victim)  # aborts the step the victim dominates
     hold.hold_next()
     hold.when = lambda stats: True  # hold the re-run of that step as well
@@ -381,7 +395,7 @@ def test_a_late_cancel_cannot_abort_the_next_step(make_engine: Callable[..., Dri
     d.engine.set_abort_probe(None)
     hold.release.set()
     assert [rec.wait().status for _, rec in started] == ["completed"] * 3
-    assert [rec.text for _, rec in started] == ref
+    assert [rec.text for _, rec in started] == held.ref
     assert d.engine.statistics().steps_aborted == 1
     d.assert_only_cache_holds_kv()
 
