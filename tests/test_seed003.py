@@ -9,7 +9,7 @@ cancel is enforced by the next process, is in test_ledger_restart.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -257,14 +257,25 @@ async def test_the_states_stay_distinct(tiny_model: Path, tmp_path: Path) -> Non
     async with seed_worker(tiny_model, tmp_path) as (h, users):
         alice = users["alice"]
         states = {}
+
+        async def stopped(job_id: str, stop: Callable[[], Awaitable[object]],
+                          **body: Any) -> None:
+            """Alice's job ``job_id`` held at its second token while ``stop()`` runs, until
+            its stream ends with an error; then the engine goes on."""
+            h.engine.at_token[2] = gate = Gate()
+            events: list[Event] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(stream_into, alice, job_id, events, **body))
+                await gate.wait_reached()
+                await stop()
+                await until(lambda: bool(events) and events[-1].name == "error")
+                gate.open()
+
+        async def nothing() -> None:
+            pass
+
         # A deadline: failed, INFERENCE_TIMEOUT, cancelled by the worker.
-        h.engine.at_token[2] = gate = Gate()
-        events: list[Event] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(stream_into, alice, "d-1", events, timeout_ms=200))
-            await gate.wait_reached()
-            await until(lambda: bool(events) and events[-1].name == "error")
-            gate.open()
+        await stopped("d-1", nothing, timeout_ms=200)
         states["deadline"] = (await alice.get("/jobs/d-1")).json()
         # A disconnect: cancelled by the owner.
         h.engine.at_token[2] = gate = Gate()
@@ -277,24 +288,15 @@ async def test_the_states_stay_distinct(tiny_model: Path, tmp_path: Path) -> Non
         gate.open()
         states["disconnect"] = (await alice.get("/jobs/x-1")).json()
         # A cancel by an admin.
-        h.engine.at_token[2] = gate = Gate()
-        events = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream_into, alice, "o-1", events)
-            await gate.wait_reached()
-            await users["ops"].post("/cancel", json={"job_id": "o-1", "principal": "alice"})
-            await until(lambda: bool(events) and events[-1].name == "error")
-            gate.open()
+        await stopped("o-1", partial(users["ops"].post, "/cancel",
+                                     json={"job_id": "o-1", "principal": "alice"}))
         states["admin"] = (await alice.get("/jobs/o-1")).json()
+
         # A shutdown: the running job is cancelled by the worker.
-        h.engine.at_token[2] = gate = Gate()
-        events = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream_into, alice, "z-1", events)
-            await gate.wait_reached()
+        async def shut_down() -> None:
             h.worker.request_shutdown("test")
-            await until(lambda: bool(events) and events[-1].name == "error")
-            gate.open()
+
+        await stopped("z-1", shut_down)
         states["shutdown"] = (await ledger_row(h, "alice", "z-1"))
     got = {cause: (r["state"], r["cancel_reason"], r["cancelled_by"],
                    (r["error"] or {}).get("code")) for cause, r in states.items()}
