@@ -160,11 +160,19 @@ def _split(text: str, nonce: str, marks: list[tuple[str, str, str, str]]
         before, after = parts[-1][0], pieces[k + 1]
         # The mark's whitespace survived where the template kept it; it is message text.
         if lead and before.endswith(lead):
-            parts[-1] = (before[: len(before) - len(lead)], False)
+            before = before[: len(before) - len(lead)]
             core = lead + core
         if trail and after.startswith(trail):
             pieces[k + 1] = after[len(trail):]
             core = core + trail
+        # A space the template wrote right before the message is tokenized with it
+        # ("Assistant:" + " Paris"): SentencePiece and byte-level BPE vocabularies join a
+        # word's leading space to the word, which is how the whole text tokenizes and how
+        # the model writes its answers, so an answer sent back in the next turn has the
+        # tokens the model generated (and its positions come from the prefix cache).
+        if core and before.endswith(" "):
+            before, core = before[:-1], " " + core
+        parts[-1] = (before, False)
         parts.append((core, True))
     if any(nonce in t for t, is_message in parts if not is_message):
         raise ChatTemplateError(
@@ -179,20 +187,11 @@ def tokenize_chat(template: ChatTemplate, messages: Sequence[ChatMessage],
 
     The template emits BOS itself where it wants one; a model that adds BOS gets exactly
     one, whether or not the template wrote it. A space that ends the template's text right
-    before a message is tokenized with the message (``"Assistant:" + " Paris"``):
-    SentencePiece and byte-level BPE vocabularies join a word's leading space to the word,
-    which is how the whole text tokenizes and how the model writes its answers, so an
-    answer sent back in the next turn has the tokens the model generated (and its positions
-    come from the prefix cache).
+    before a message is part of the message (see :func:`_split`).
     """
     parts = template.render(messages)
     tokens: list[int] = []
-    lead = ""  # the space carried from a template part into the message after it
-    for k, (text, is_message) in enumerate(parts):
-        text, lead = lead + text, ""
-        if (not is_message and text.endswith(" ") and k + 1 < len(parts)
-                and parts[k + 1][1]):
-            text, lead = text[:-1], " "
+    for text, is_message in parts:
         tokens += tokenizer.tokenize(text, special=not is_message, add_bos=False)
     bos = template.bos_id
     if bos is not None:
